@@ -1,0 +1,95 @@
+"""The ``dbp-lightning`` console script.
+
+Subcommands:
+    prune            run the pruning stages on an embedding store (YAML config + flags)
+    data synthetic   write a synthetic clustered pool with planted duplicates as a store
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from .config import PruneConfig
+
+
+def _prune_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Prune a pool: semdedup -> clip_score -> dbp|ssp|random. "
+                       "Writes selection.parquet, clusters.parquet, subset.npy, plots, "
+                       "report.json and manifest.json into --output.")
+    p.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/prune/*.yaml)")
+    p.add_class_arguments(PruneConfig, nested_key=None, fail_untyped=True)
+    return p
+
+
+def _synthetic_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Write a synthetic pool (clusters of skewed size and spread, "
+                       "planted near-duplicates) as an embedding store.")
+    p.add_argument("--out", type=str, required=True, help="store directory to write")
+    p.add_argument("--n", type=int, default=20000, help="samples")
+    p.add_argument("--dim", type=int, default=256, help="embedding dimension")
+    p.add_argument("--n_concepts", type=int, default=200, help="true concepts")
+    p.add_argument("--dup_fraction", type=float, default=0.1, help="rows that copy another row")
+    p.add_argument("--dtype", type=str, default="float32", help="float16 or float32")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="dbp-lightning", description=__doc__.splitlines()[0])
+    commands = parser.add_subcommands(dest="command")
+    commands.add_subcommand("prune", _prune_parser(), help="prune a pool into a run directory")
+    data = ArgumentParser(description="make datasets")
+    commands.add_subcommand("data", data, help="make datasets")
+    data.add_subcommands(dest="kind").add_subcommand("synthetic", _synthetic_parser(),
+                                                     help="synthetic embedding pool")
+    return parser
+
+
+def run_prune(config: PruneConfig) -> int:
+    from .pruning.pipeline import load_input, prune
+    from .rundir import write_run
+
+    config.validate()
+    emb, metadata, input_id = load_input(config)
+    result = prune(emb, config, metadata=metadata, progress=True)
+    out = write_run(result, config.output, config.to_dict(), input_id)
+    print(f"{'stage':<12}{'in':>12}{'out':>12}{'seconds':>10}")
+    for st in result.report["stages"]:
+        print(f"{st['stage']:<12}{st['in']:>12,}{st['out']:>12,}{st['seconds']:>10.2f}")
+    print(f"kept {result.report['kept']:,} of {result.report['pool']:,} -> {out}")
+    return 0
+
+
+def run_synthetic(args) -> int:
+    from .synthetic import PoolSpec, write_pool_store
+
+    spec = PoolSpec(n=args.n, dim=args.dim, n_concepts=args.n_concepts,
+                    dup_fraction=args.dup_fraction, seed=args.seed)
+    store = write_pool_store(args.out, spec, dtype=args.dtype, progress=True)
+    print(f"wrote {len(store):,} x {store.dim} {args.dtype} embeddings -> {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # says which SIMD build loaded
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    try:
+        if cfg.command == "prune":
+            ns = parser.instantiate(cfg).prune
+            return run_prune(PruneConfig(**{f: ns[f] for f in PruneConfig.__dataclass_fields__}))
+        if cfg.command == "data" and cfg.data.kind == "synthetic":
+            return run_synthetic(cfg.data.synthetic)
+    except ValueError as exc:  # bad input: one clear line, no traceback
+        print(f"dbp-lightning {cfg.command}: error: {exc}", file=sys.stderr)
+        return 2
+    parser.print_help()
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The paper's diagnostic figures for a prune run (matplotlib, written as PNG)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
+def complexity_scatter(clusters: pa.Table, path: str | os.PathLike) -> None:
+    """Paper Fig. 2 (right): d_intra against d_inter per cluster, coloured by kept fraction."""
+    plt = _pyplot()
+    c = clusters.to_pydict()
+    size, kept = np.asarray(c["size"], float), np.asarray(c["kept"], float)
+    frac = np.divide(kept, size, out=np.zeros_like(size), where=size > 0)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    sc = ax.scatter(c["d_intra"], c["d_inter"], c=frac, s=12 + 60 * size / max(size.max(), 1),
+                    cmap="viridis", vmin=0, vmax=1, edgecolors="none")
+    fig.colorbar(sc, ax=ax, label="fraction of the cluster kept")
+    ax.set_xlabel("d_intra (mean distance of members to centroid)")
+    ax.set_ylabel("d_inter (mean distance to nearest centroids)")
+    ax.set_title("Cluster complexity and what DBP keeps (marker area ~ size)")
+    fig.tight_layout()
+    _save(fig, Path(path))
+    plt.close(fig)
+
+
+def quota_profile(clusters: pa.Table, target: int, path: str | os.PathLike) -> None:
+    """Paper Fig. 7: pruned cluster size against P_j N (left) and original size (right),
+    clusters sorted by pruned size."""
+    plt = _pyplot()
+    c = clusters.to_pydict()
+    quota = np.asarray(c["quota"])
+    order = np.argsort(quota, kind="stable")
+    x = np.arange(len(order))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(x, np.asarray(c["p"])[order] * target, ".", ms=3, label="P_j N")
+    axes[1].plot(x, np.asarray(c["size"])[order], ".", ms=3, color="tab:gray", label="original size M_j")
+    for ax in axes:
+        ax.plot(x, quota[order], "-", color="tab:red", label="pruned size x_j")
+        ax.set_xlabel("clusters, sorted by pruned size")
+        ax.set_ylabel("samples")
+        ax.set_yscale("log")
+        ax.legend()
+    axes[0].set_title("pruned size vs P_j N")
+    axes[1].set_title("pruned size vs original size")
+    fig.tight_layout()
+    _save(fig, Path(path))
+    plt.close(fig)

@@ -1,0 +1,122 @@
+"""Block-wise, validated float32 access to an (N, d) embedding matrix.
+
+Every pruning function reads embeddings through :class:`Embeddings`, so an in-memory array, a
+memory-mapped ``.npy`` and a sharded :class:`~dbp_lightning.store.EmbeddingStore` behave the same
+and no stage ever materialises the whole matrix in float32: rows are read in blocks (or gathered
+by index) and converted, and normalised if needed, one block at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: rows are unit-norm when | ||x|| - 1 | is below this (float16 storage rounds to ~1e-3).
+NORM_TOLERANCE = 2e-3
+
+
+class Embeddings:
+    """A validated, read-only view of ``x`` that yields float32, L2-normalised rows.
+
+    Args:
+        x: array-like of shape (N, d), float16/float32/float64: a NumPy array, a ``np.memmap``
+            or any object with ``shape``, ``dtype``, slicing and integer-array indexing (such as
+            :class:`~dbp_lightning.store.ShardedArray`).
+        block_size: rows per block in :meth:`blocks` and in the validation pass.
+        name: how error messages name the input (a file or store path).
+
+    Validation reads ``x`` once, block by block. NaN/inf values and all-zero rows are refused
+    with a ``ValueError`` naming the first bad row. Rows that are finite but not unit-norm are
+    accepted with one warning and normalised on every read (the paper's embeddings are
+    L2-normalised; cosine similarity is what every stage means).
+    """
+
+    def __init__(self, x, block_size: int = 65536, name: str = "embeddings"):
+        shape = tuple(getattr(x, "shape", ()))
+        if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+            raise ValueError(f"{name}: expected a non-empty 2-D array (N, d), got shape {shape}")
+        if np.dtype(x.dtype).kind != "f":
+            raise ValueError(f"{name}: expected floating-point embeddings, got dtype {x.dtype}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.x = x
+        self.name = name
+        self.n, self.d = int(shape[0]), int(shape[1])
+        self.block_size = int(block_size)
+        self.normalize = False
+        self._validate()
+
+    def _validate(self) -> None:
+        off_norm = 0
+        for start in range(0, self.n, self.block_size):
+            block = np.asarray(self.x[start : start + self.block_size], dtype=np.float32)
+            finite = np.isfinite(block).all(axis=1)
+            if not finite.all():
+                row = start + int(np.argmin(finite))
+                raise ValueError(f"{self.name}: row {row} has NaN or inf values; "
+                                 "re-embed that sample or drop it before pruning")
+            norms = np.linalg.norm(block, axis=1)
+            if (norms == 0).any():
+                row = start + int(np.argmin(norms))
+                raise ValueError(f"{self.name}: row {row} is all zeros and has no direction; "
+                                 "drop it before pruning")
+            off_norm += int((np.abs(norms - 1.0) > NORM_TOLERANCE).sum())
+        if off_norm:
+            self.normalize = True
+            warnings.warn(f"{self.name}: {off_norm} of {self.n} rows are not L2-normalised; "
+                          "they are normalised on read", stacklevel=3)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _finish(self, block: np.ndarray) -> np.ndarray:
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        if self.normalize:
+            block /= np.linalg.norm(block, axis=1, keepdims=True)
+        return block
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as float32 (stop - start, d)."""
+        return self._finish(self.x[start:stop])
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        """Rows at ``index`` (int, any order) as float32 (len(index), d)."""
+        index = np.asarray(index, dtype=np.int64)
+        if index.size == 0:
+            return np.zeros((0, self.d), np.float32)
+        return self._finish(self.x[index])
+
+    def subset(self, rows: np.ndarray) -> "Embeddings":
+        """The rows ``rows`` (int64, sorted or not) as an Embeddings, without re-validating."""
+        view = object.__new__(Embeddings)
+        view.__dict__.update(self.__dict__)
+        view.x = _RowSubset(self.x, np.asarray(rows, dtype=np.int64))
+        view.n = len(view.x.rows)
+        return view
+
+    def blocks(self, block_size: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, rows)`` over the whole matrix, rows float32 (<= block_size, d)."""
+        step = block_size or self.block_size
+        for start in range(0, self.n, step):
+            yield start, self.rows(start, min(start + step, self.n))
+
+
+class _RowSubset:
+    """Array-like rows ``rows`` of ``x``: slicing and integer-array indexing map through."""
+
+    def __init__(self, x, rows: np.ndarray):
+        self.x, self.rows = x, rows
+        self.shape, self.dtype = (len(rows), x.shape[1]), x.dtype
+
+    def __getitem__(self, item):
+        return self.x[self.rows[item]]
+
+
+def as_embeddings(x, name: str = "embeddings") -> Embeddings:
+    """Wrap ``x`` in :class:`Embeddings` (validating it) unless it already is one."""
+    return x if isinstance(x, Embeddings) else Embeddings(x, name=name)

@@ -1,0 +1,151 @@
+"""Spherical k-means with faiss: train on a sample, assign every row in streamed blocks."""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .embeddings import as_embeddings
+
+log = logging.getLogger(__name__)
+
+#: iterations between convergence checks when ``tol`` is set.
+_CHECK_EVERY = 5
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError("faiss is missing: install dbp-lightning[cpu] (faiss-cpu) or "
+                          "dbp-lightning[gpu] (faiss-gpu), never both") from exc
+    return faiss
+
+
+def use_gpu(gpu: str | bool) -> bool:
+    """Resolve ``gpu`` ("auto", True or False) against the GPUs faiss can see."""
+    if gpu not in ("auto", True, False):
+        raise ValueError(f"gpu must be 'auto', True or False, got {gpu!r}")
+    n_gpus = _faiss().get_num_gpus() if hasattr(_faiss(), "get_num_gpus") else 0
+    if gpu is True and n_gpus == 0:
+        raise ValueError("gpu=True but faiss sees no GPU: install dbp-lightning[gpu] on a CUDA "
+                         "machine, or use gpu='auto'")
+    return bool(n_gpus) if gpu == "auto" else bool(gpu)
+
+
+class KMeansResult(NamedTuple):
+    """Output of :func:`spherical_kmeans`.
+
+    Attributes:
+        centroids: float32 (k, d), unit norm.
+        assignment: int64 (N,), index of the most similar centroid.
+        similarity: float32 (N,), cosine similarity to that centroid.
+        n_iter: Lloyd iterations run (< ``niter`` when ``tol`` stopped training early).
+    """
+
+    centroids: np.ndarray
+    assignment: np.ndarray
+    similarity: np.ndarray
+    n_iter: int
+
+
+def assign(x, centroids: np.ndarray, gpu: str | bool = "auto", progress: bool = False,
+           block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid by cosine similarity, streamed in blocks.
+
+    Args:
+        x: (N, d) embeddings (see :class:`~dbp_lightning.pruning.embeddings.Embeddings`).
+        centroids: float32 (k, d), unit norm.
+
+    Returns:
+        assignment int64 (N,) and similarity float32 (N,).
+    """
+    faiss = _faiss()
+    emb = as_embeddings(x)
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    index = faiss.IndexFlatIP(emb.d)
+    index.add(centroids)
+    if use_gpu(gpu):
+        index = faiss.index_cpu_to_all_gpus(index)
+    assignment = np.empty(emb.n, np.int64)
+    similarity = np.empty(emb.n, np.float32)
+    step = block_size or emb.block_size
+    for start, block in tqdm(emb.blocks(step), total=-(-emb.n // step), disable=not progress,
+                             desc="assign", unit="block", leave=False):
+        sims, ids = index.search(block, 1)
+        assignment[start : start + len(block)] = ids[:, 0]
+        similarity[start : start + len(block)] = sims[:, 0]
+    return assignment, similarity
+
+
+def spherical_kmeans(x, k: int, niter: int = 100, seed: int = 0, sample: int | None = None,
+                     gpu: str | bool = "auto", tol: float | None = None,
+                     progress: bool = False) -> KMeansResult:
+    """Spherical k-means (cosine similarity, unit-norm centroids) with faiss.
+
+    Trains on ``sample`` rows drawn without replacement with ``seed`` (only those rows are held
+    in memory, as float32), then assigns all N rows in streamed blocks.
+
+    Args:
+        x: (N, d) embeddings: array, memmap or :class:`Embeddings`; float16/32/64.
+        k: number of clusters, 1 <= k <= N.
+        niter: maximum Lloyd iterations (the paper uses 100).
+        seed: seeds the training sample and faiss's initialisation.
+        sample: training rows. ``None`` follows faiss's own default of at most 256 rows per
+            centroid, ``min(N, 256 * k)``; larger values are clipped to N.
+        gpu: "auto" (a GPU when faiss sees one), True or False.
+        tol: stop when an iteration improves the objective (sum of cosine similarities) by
+            less than ``tol`` relative; checked every 5 iterations. ``None`` runs ``niter``.
+        progress: show a progress bar.
+
+    Returns:
+        :class:`KMeansResult` (centroids, assignment, similarity, n_iter).
+    """
+    faiss = _faiss()
+    emb = as_embeddings(x)
+    if not 1 <= k <= emb.n:
+        raise ValueError(f"k={k} clusters needs 1 <= k <= N, and N={emb.n} samples")
+    if niter < 1:
+        raise ValueError(f"niter must be >= 1, got {niter}")
+    if tol is not None and tol < 0:
+        raise ValueError(f"tol must be >= 0 or None, got {tol}")
+    n_train = min(emb.n, 256 * k if sample is None else int(sample))
+    if n_train < k:
+        raise ValueError(f"sample={sample} is smaller than k={k}: every centroid needs a point")
+    rng = np.random.default_rng(seed)
+    train_rows = np.sort(rng.choice(emb.n, n_train, replace=False)) if n_train < emb.n else None
+    xt = emb.rows(0, emb.n) if train_rows is None else emb.take(train_rows)
+    gpu_on = use_gpu(gpu)
+
+    def run(iters: int, init: np.ndarray | None):
+        # max_points_per_centroid above the sample keeps faiss from subsampling again.
+        km = faiss.Kmeans(emb.d, k, niter=iters, seed=seed, spherical=True, gpu=gpu_on,
+                          max_points_per_centroid=n_train // k + 1, min_points_per_centroid=1,
+                          verbose=False)
+        km.train(xt, init_centroids=init)
+        return km.centroids, km.obj
+
+    if tol is None:
+        centroids, _ = run(niter, None)
+        done = niter
+    else:
+        centroids, done, bar = None, 0, tqdm(total=niter, disable=not progress, desc="k-means",
+                                             unit="iter", leave=False)
+        while done < niter:
+            step = min(_CHECK_EVERY, niter - done)
+            centroids, obj = run(step, centroids)
+            done += step
+            bar.update(step)
+            if len(obj) >= 2 and (obj[-1] - obj[-2]) <= tol * abs(obj[-1]):
+                break
+        bar.close()
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    del xt
+    assignment, similarity = assign(emb, centroids, gpu=gpu_on, progress=progress)
+    log.info("spherical k-means: k=%d, %d train rows, %d iterations, mean cosine %.4f",
+             k, n_train, done, float(similarity.mean(dtype=np.float64)))
+    return KMeansResult(centroids, assignment, similarity, done)

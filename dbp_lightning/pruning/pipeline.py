@@ -1,0 +1,220 @@
+"""``prune``: the configured stages in order on one pool, into a selection and its report.
+
+semdedup -> clip_score -> (dbp | ssp | random); every stage is optional and sees only the
+samples that survived the ones before it. Everything the data allows to be checked is
+checked before the first stage runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import SELECTORS, PruneConfig
+from ..store import EmbeddingStore
+from .clip_score import clip_score_filter
+from .complexity import cluster_complexity
+from .embeddings import Embeddings, as_embeddings
+from .kmeans import spherical_kmeans
+from .quotas import dbp_quotas, softmax_probabilities
+from .select import dbp_select, random_select, ssp_select
+from .semdedup import duplicate_similarity, threshold_for_fraction
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` computed.
+
+    Attributes:
+        selection: one row per input sample (see DESIGN.md): key, uid (if known), the dedup
+            partition and duplicate similarity, clip_score, the selector's cluster and
+            similarity to centroid, one ``*_kept`` column per stage, and ``kept``.
+        clusters: one row per selector cluster (dbp, ssp): size, d_intra, d_inter,
+            complexity, p, quota, kept; ``None`` for random or no selector.
+        report: counts and seconds per stage, chosen eps/threshold, k-means iterations.
+    """
+
+    selection: pa.Table
+    clusters: pa.Table | None
+    report: dict = field(default_factory=dict)
+
+    @property
+    def kept(self) -> np.ndarray:
+        """bool (N,) final keep mask."""
+        return self.selection.column("kept").to_numpy(zero_copy_only=False)
+
+
+def load_input(config: PruneConfig) -> tuple[Embeddings, pa.Table, str]:
+    """Open ``config.input`` (a store directory or a .npy file) as (embeddings, metadata, id)."""
+    path = Path(config.input)
+    if path.is_dir():
+        store = EmbeddingStore(path)
+        return as_embeddings(store.embeddings, name=str(path)), store.metadata(), store.fingerprint()
+    if path.suffix != ".npy" or not path.is_file():
+        raise ValueError(f"input: {path} is neither an embedding store directory nor a .npy file")
+    try:
+        x = np.load(path, mmap_mode="r")
+    except ValueError as exc:
+        raise ValueError(f"input: {path}: unreadable .npy ({exc})") from exc
+    if config.metadata:
+        table = pq.read_table(config.metadata)
+        if table.num_rows != len(x):
+            raise ValueError(f"metadata: {config.metadata} has {table.num_rows} rows, "
+                             f"{path} has {len(x)}")
+    else:
+        table = pa.table({"key": [str(i) for i in range(len(x))]})
+    st = path.stat()
+    return as_embeddings(x, name=str(path)), table, f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _check_against_data(config: PruneConfig, n: int, metadata: pa.Table) -> None:
+    if "key" not in metadata.column_names:
+        raise ValueError("metadata: no 'key' column")
+    keys = metadata.column("key").to_numpy(zero_copy_only=False)
+    uniq, counts = np.unique(keys, return_counts=True)
+    if len(uniq) != len(keys):
+        dup = uniq[np.argmax(counts > 1)]
+        raise ValueError(f"metadata: key {dup!r} occurs {int(counts.max())} times; keys must be unique")
+    if "semdedup" in config.stages and config.semdedup.k > n:
+        raise ValueError(f"semdedup.k={config.semdedup.k} exceeds the pool of {n} samples")
+    if "clip_score" in config.stages and config.clip_score.column not in metadata.column_names:
+        raise ValueError(f"clip_score.column: no column {config.clip_score.column!r} in the "
+                         f"metadata (columns: {', '.join(metadata.column_names)})")
+    if any(s in SELECTORS for s in config.stages):
+        s = config.select
+        if s.target_size is not None and s.target_size > n:
+            raise ValueError(f"select.target_size={s.target_size} exceeds the pool of {n} samples")
+        if s.k > n and "random" not in config.stages:
+            raise ValueError(f"select.k={s.k} exceeds the pool of {n} samples")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
+          progress: bool = False) -> PruneResult:
+    """Run ``config.stages`` on the pool ``x``.
+
+    Args:
+        x: (N, d) embeddings: array, memmap, :class:`Embeddings`, or an
+            :class:`~dbp_lightning.store.EmbeddingStore`.
+        config: what to run; validated first.
+        metadata: N-row table with a unique ``key`` column (and ``uid``, score columns);
+            default: keys "0".."N-1" (a store brings its own).
+        progress: progress bars.
+
+    Returns:
+        :class:`PruneResult`. Same config, seed and input give the same selection.
+    """
+    config.validate()
+    if isinstance(x, EmbeddingStore):
+        metadata = x.metadata() if metadata is None else metadata
+        x = x.embeddings
+    emb = as_embeddings(x)
+    n = emb.n
+    if metadata is None:
+        metadata = pa.table({"key": [str(i) for i in range(n)]})
+    if metadata.num_rows != n:
+        raise ValueError(f"metadata has {metadata.num_rows} rows, embeddings {n}")
+    _check_against_data(config, n, metadata)
+    gpu = config.gpu if config.gpu == "auto" else config.gpu in (True, "true")
+
+    cols: dict[str, np.ndarray] = {"key": metadata.column("key").to_numpy(zero_copy_only=False)}
+    if "uid" in metadata.column_names:
+        cols["uid"] = metadata.column("uid").to_numpy(zero_copy_only=False)
+    alive = np.ones(n, bool)
+    stages, clusters = [], None
+
+    def record(name: str, started: float, n_in: int, **details) -> None:
+        stages.append({"stage": name, "in": n_in, "out": int(alive.sum()),
+                       "seconds": round(time.perf_counter() - started, 3),
+                       "peak_rss_mb": round(_peak_rss_mb(), 1), **details})
+        log.info("%s: %d -> %d samples", name, n_in, int(alive.sum()))
+
+    if "semdedup" in config.stages:
+        d, t0 = config.semdedup, time.perf_counter()
+        km = spherical_kmeans(emb, d.k, niter=d.niter, seed=config.seed, sample=d.sample,
+                              gpu=gpu, progress=progress)
+        dup_sim = duplicate_similarity(emb, km.assignment, km.similarity, d.block_size, progress)
+        threshold = 1.0 - d.eps if d.eps is not None else threshold_for_fraction(dup_sim, d.target_fraction)
+        cols["dedup_cluster"] = km.assignment.astype(np.int32)
+        cols["dup_sim"] = dup_sim
+        cols["dedup_kept"] = dup_sim <= threshold
+        alive &= cols["dedup_kept"]
+        record("semdedup", t0, n, eps=round(1.0 - threshold, 6), k=d.k, kmeans_iterations=km.n_iter)
+
+    if "clip_score" in config.stages:
+        c, t0, n_in = config.clip_score, time.perf_counter(), int(alive.sum())
+        scores = metadata.column(c.column).to_numpy(zero_copy_only=False).astype(np.float32)
+        cols["clip_score"] = scores
+        keep = np.zeros(n, bool)
+        keep[alive] = clip_score_filter(scores[alive], threshold=c.threshold, fraction=c.fraction)
+        cols["clip_kept"] = keep
+        alive &= keep
+        record("clip_score", t0, n_in, column=c.column, threshold=c.threshold, fraction=c.fraction)
+
+    selector = next((s for s in config.stages if s in SELECTORS), None)
+    if selector is not None:
+        s, t0 = config.select, time.perf_counter()
+        rows = np.flatnonzero(alive)
+        target = s.target_size if s.target_size is not None else max(1, round(s.target_fraction * len(rows)))
+        if target > len(rows):
+            raise ValueError(f"select.target_size={target} exceeds the {len(rows)} samples left "
+                             f"after {', '.join(config.stages[:config.stages.index(selector)])}")
+        keep_rows, details = _select(selector, emb.subset(rows), s, target, config.seed, gpu, progress)
+        if selector != "random":
+            assignment, similarity, clusters = details.pop("_arrays")
+            cols["cluster"] = np.full(n, -1, np.int32)
+            cols["cluster"][rows] = assignment
+            cols["sim_to_centroid"] = np.full(n, np.nan, np.float32)
+            cols["sim_to_centroid"][rows] = similarity
+        cols[f"{selector}_kept"] = np.zeros(n, bool)
+        cols[f"{selector}_kept"][rows[keep_rows]] = True
+        alive &= cols[f"{selector}_kept"]
+        record(selector, t0, len(rows), target=target, **details)
+
+    cols["kept"] = alive
+    report = {"pool": n, "kept": int(alive.sum()), "stages": stages,
+              "seconds": round(sum(st["seconds"] for st in stages), 3),
+              "peak_rss_mb": round(_peak_rss_mb(), 1)}
+    return PruneResult(pa.table(cols), clusters, report)
+
+
+def _select(selector: str, emb: Embeddings, s, target: int, seed: int, gpu, progress: bool):
+    """Run the selector on the surviving rows; keep mask over them and report details."""
+    if selector == "random":
+        return random_select(emb.n, target, seed), {}
+    km = spherical_kmeans(emb, s.k, niter=s.niter, seed=seed, sample=s.sample, gpu=gpu,
+                          tol=s.tol, progress=progress)
+    details = {"k": s.k, "kmeans_iterations": km.n_iter,
+               "kmeans_mean_cosine": round(float(km.similarity.mean(dtype=np.float64)), 6)}
+    sizes = np.bincount(km.assignment, minlength=s.k)
+    if selector == "dbp":
+        cc = cluster_complexity(emb, km.centroids, km.assignment, s.num_neighbors,
+                                similarity=km.similarity)
+        quotas = dbp_quotas(cc.complexity, cc.sizes, target, s.temperature, s.min_per_cluster,
+                            s.balance_ratio, s.solver)
+        keep = dbp_select(km.similarity, km.assignment, quotas)
+        table = {"d_intra": cc.d_intra, "d_inter": cc.d_inter, "complexity": cc.complexity,
+                 "p": softmax_probabilities(cc.complexity, cc.sizes, s.temperature),
+                 "quota": quotas}
+        details.update(temperature=s.temperature, num_neighbors=s.num_neighbors, solver=s.solver)
+    else:
+        keep = ssp_select(km.similarity, km.assignment, target, s.balance_ratio, s.k)
+        table = {}
+        details.update(balance_ratio=s.balance_ratio)
+    kept = np.bincount(km.assignment[keep], minlength=s.k)
+    clusters = pa.table({"cluster": np.arange(s.k, dtype=np.int32), "size": sizes, **table,
+                         "kept": kept})
+    details["_arrays"] = (km.assignment, km.similarity, clusters)
+    return keep, details

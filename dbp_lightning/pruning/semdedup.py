@@ -1,0 +1,100 @@
+"""SemDeDup (Abbas et al. 2023, arXiv 2303.09540) inside precomputed clusters, block by block.
+
+Definition (that of SemDeDup's public code, which the paper's eps -> kept-fraction figures come
+from): inside each cluster, rank members by similarity to the centroid, least similar
+(farthest) first. A member's *duplicate similarity* is its largest cosine similarity to any
+member ranked before it (-1.0 for the first member). A member is removed when its duplicate
+similarity exceeds ``1 - eps``. So in a group of near-duplicates the member farthest from the
+centroid survives. Because removal depends on eps only through that one number per member, the
+eps that keeps a target fraction is a quantile of the duplicate similarities, found exactly
+rather than by repeated dedup passes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .embeddings import as_embeddings
+from .groups import cluster_index
+
+#: duplicate similarity of a cluster's first-ranked member (nothing ranked before it).
+NO_EARLIER = -1.0
+
+
+def duplicate_similarity(x, assignment: np.ndarray, sim_to_centroid: np.ndarray,
+                         block_size: int = 4096, progress: bool = False) -> np.ndarray:
+    """Each row's largest cosine similarity to a member of its cluster ranked before it.
+
+    Args:
+        x: (N, d) embeddings (array, memmap or Embeddings).
+        assignment: int (N,) cluster of each row.
+        sim_to_centroid: float (N,) similarity to the cluster's centroid (the ranking key).
+        block_size: rows per similarity block; at most block_size**2 similarities exist at once,
+            never a full M x M matrix for a cluster larger than the block.
+
+    Returns:
+        float32 (N,), in [-1, 1]; ``NO_EARLIER`` (-1.0) for each cluster's first member.
+    """
+    emb = as_embeddings(x)
+    if len(assignment) != emb.n:
+        raise ValueError(f"assignment has {len(assignment)} rows, embeddings have {emb.n}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    index = cluster_index(assignment, sim_to_centroid)
+    out = np.full(emb.n, NO_EARLIER, np.float32)
+    later = np.tril(np.ones((block_size, block_size), bool), k=-1)  # [j, i]: i ranked before j
+    sizes = index.sizes
+    for c in tqdm(np.flatnonzero(sizes > 1), disable=not progress, desc="semdedup",
+                  unit="cluster", leave=False):
+        rows = index.members(c)
+        xc = emb.take(rows)  # the cluster's rows: memory grows with the largest cluster
+        best = np.full(len(rows), NO_EARLIER, np.float32)
+        for js in range(0, len(rows), block_size):
+            xj = xc[js : js + block_size]
+            for is_ in range(0, js + len(xj), block_size):
+                sims = xj @ xc[is_ : is_ + block_size].T
+                if is_ == js:  # diagonal block: only members ranked strictly before count
+                    sims = np.where(later[: len(xj), : len(xj)], sims, NO_EARLIER)
+                np.maximum(best[js : js + len(xj)], sims.max(axis=1), out=best[js : js + len(xj)])
+        out[rows] = best
+    return out
+
+
+def threshold_for_fraction(dup_sim: np.ndarray, target_fraction: float) -> float:
+    """The similarity threshold that keeps ``round(target_fraction * N)`` rows.
+
+    Rows with ``dup_sim <= threshold`` are kept; ``eps = 1 - threshold``. The kept count is
+    exact unless rows tie at the threshold.
+    """
+    if not 0.0 < target_fraction <= 1.0:
+        raise ValueError(f"target_fraction must be in (0, 1], got {target_fraction}")
+    n_keep = max(1, int(round(target_fraction * len(dup_sim))))
+    if n_keep >= len(dup_sim):
+        return 1.0
+    return float(np.partition(dup_sim, n_keep - 1)[n_keep - 1])
+
+
+def semdedup(x, assignment: np.ndarray, sim_to_centroid: np.ndarray, eps: float | None = None,
+             target_fraction: float | None = None, block_size: int = 4096,
+             progress: bool = False) -> np.ndarray:
+    """SemDeDup keep mask inside the given clusters.
+
+    Args:
+        x: (N, d) embeddings (array, memmap or Embeddings).
+        assignment: int (N,) cluster of each row (from :func:`spherical_kmeans`).
+        sim_to_centroid: float (N,) cosine similarity of each row to its centroid.
+        eps: remove rows whose duplicate similarity exceeds ``1 - eps``; in (0, 2).
+        target_fraction: instead of eps, keep this fraction of rows (within rounding, exact
+            unless duplicate similarities tie). Give exactly one of eps and target_fraction.
+
+    Returns:
+        bool (N,) keep mask.
+    """
+    if (eps is None) == (target_fraction is None):
+        raise ValueError("give exactly one of eps and target_fraction")
+    if eps is not None and not 0.0 < eps < 2.0:
+        raise ValueError(f"eps must be in (0, 2), got {eps}")
+    dup_sim = duplicate_similarity(x, assignment, sim_to_centroid, block_size, progress)
+    threshold = 1.0 - eps if eps is not None else threshold_for_fraction(dup_sim, target_fraction)
+    return dup_sim <= threshold
