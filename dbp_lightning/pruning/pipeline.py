@@ -8,7 +8,6 @@ checked before the first stage runs.
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import SELECTORS, PruneConfig
+from ..memory import peak_rss_mb
 from ..store import EmbeddingStore
 from .clip_score import clip_score_filter
 from .complexity import cluster_complexity
@@ -97,10 +97,6 @@ def _check_against_data(config: PruneConfig, n: int, metadata: pa.Table) -> None
             raise ValueError(f"select.k={s.k} exceeds the pool of {n} samples")
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
           progress: bool = False) -> PruneResult:
     """Run ``config.stages`` on the pool ``x``.
@@ -138,7 +134,7 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
     def record(name: str, started: float, n_in: int, **details) -> None:
         stages.append({"stage": name, "in": n_in, "out": int(alive.sum()),
                        "seconds": round(time.perf_counter() - started, 3),
-                       "peak_rss_mb": round(_peak_rss_mb(), 1), **details})
+                       "peak_rss_mb": round(peak_rss_mb(), 1), **details})
         log.info("%s: %d -> %d samples", name, n_in, int(alive.sum()))
 
     if "semdedup" in config.stages:
@@ -186,7 +182,7 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
     cols["kept"] = alive
     report = {"pool": n, "kept": int(alive.sum()), "stages": stages,
               "seconds": round(sum(st["seconds"] for st in stages), 3),
-              "peak_rss_mb": round(_peak_rss_mb(), 1)}
+              "peak_rss_mb": round(peak_rss_mb(), 1)}
     return PruneResult(pa.table(cols), clusters, report)
 
 

@@ -1,0 +1,271 @@
+"""Prune benchmark: dbp_lightning against the public approach, in one run, on one pool.
+
+Pool: synthetic, clustered (Zipf-skewed concept sizes, varied spreads), 10% of rows planted
+as near-duplicates of another row, written as a float32 embedding store on disk.
+
+Pipeline measured for both: SemDeDup (eps fixed, so removals are comparable) then DBP
+(k = 500, keep --keep of the survivors). Each side runs in its own process so that peak RSS
+(ru_maxrss) is its own.
+
+- ours: ``dbp_lightning.pruning`` as ``prune`` runs it: dedup k-means on a sample for few
+  iterations, a cluster-sorted index, block-wise similarities, DBP k-means stopping at
+  convergence (tol), exact quotas.
+- baseline: the paper's / SemDeDup's public recipe: faiss spherical k-means, 100 iterations,
+  ~3,000 clusters for dedup and k = 500 for DBP (faiss's default training subsample of 256
+  points per centroid, as their code gets it), a per-cluster scan of the whole assignment
+  table, a full M x M similarity matrix per cluster, OSQP + ``np.rint`` quotas.
+
+Also times ``dbp_quotas`` (exact) against qpsolvers/OSQP at k = 500 and 50,000 (median of
+--repeats).
+
+    python benchmarks/bench_prune.py --n 1000000          # the README's table
+    python benchmarks/bench_prune.py --n 100000 --dedup-k-baseline 300   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+EPS = 0.05           # planted copies have cosine ~0.98-0.99 to their group; natural pairs < 0.8
+DBP_K, DBP_NITER, TEMPERATURE, NEIGHBORS = 500, 100, 0.1, 20
+
+
+def rss_mb() -> float:
+    from dbp_lightning.memory import peak_rss_mb
+
+    return peak_rss_mb()
+
+
+# --------------------------------------------------------------------------- workers
+def worker_ours(store_path: str, out: str, keep: float, dedup_k: int, dedup_niter: int) -> dict:
+    from dbp_lightning.pruning import (cluster_complexity, dbp_quotas, dbp_select,
+                                       duplicate_similarity, spherical_kmeans)
+    from dbp_lightning.pruning.embeddings import as_embeddings
+    from dbp_lightning.store import EmbeddingStore
+
+    stages, t = {}, time.perf_counter()
+    emb = as_embeddings(EmbeddingStore(store_path).embeddings)
+    stages["load+validate"] = (time.perf_counter() - t, rss_mb())
+    t = time.perf_counter()
+    km = spherical_kmeans(emb, dedup_k, niter=dedup_niter, seed=0)
+    stages["dedup k-means"] = (time.perf_counter() - t, rss_mb())
+    t = time.perf_counter()
+    dedup_keep = duplicate_similarity(emb, km.assignment, km.similarity) <= 1 - EPS
+    stages["semdedup"] = (time.perf_counter() - t, rss_mb())
+    rows = np.flatnonzero(dedup_keep)
+    sub = emb.subset(rows)
+    target = round(keep * len(rows))
+    t = time.perf_counter()
+    km2 = spherical_kmeans(sub, DBP_K, niter=DBP_NITER, seed=0, tol=1e-4)
+    stages["dbp k-means"] = (time.perf_counter() - t, rss_mb())
+    t = time.perf_counter()
+    cc = cluster_complexity(sub, km2.centroids, km2.assignment, NEIGHBORS, similarity=km2.similarity)
+    quotas = dbp_quotas(cc.complexity, cc.sizes, target, TEMPERATURE)
+    selected = dbp_select(km2.similarity, km2.assignment, quotas)
+    stages["dbp quotas+select"] = (time.perf_counter() - t, rss_mb())
+    np.savez(out, dedup_keep=dedup_keep, quotas=quotas, sizes=cc.sizes, rows=rows,
+             assignment=km2.assignment, centroids=km2.centroids, selected=selected)
+    return {"stages": stages, "dbp_iterations": km2.n_iter, "target": target}
+
+
+def worker_baseline(store_path: str, out: str, keep: float, dedup_k: int) -> dict:
+    import faiss
+    from qpsolvers import solve_qp
+    import scipy.sparse as sp
+
+    from dbp_lightning.store import EmbeddingStore
+
+    stages, t = {}, time.perf_counter()
+    x = np.ascontiguousarray(EmbeddingStore(store_path).embeddings[:], dtype=np.float32)
+    stages["load+validate"] = (time.perf_counter() - t, rss_mb())
+
+    def kmeans(data, k):
+        km = faiss.Kmeans(data.shape[1], k, niter=100, seed=0, spherical=True, verbose=False)
+        km.train(data)
+        sims, ids = km.index.search(data, 1)
+        return km.centroids, ids[:, 0], sims[:, 0]
+
+    t = time.perf_counter()
+    _, assignment, sims = kmeans(x, dedup_k)
+    stages["dedup k-means"] = (time.perf_counter() - t, rss_mb())
+    t = time.perf_counter()
+    dedup_keep = np.ones(len(x), bool)
+    for c in range(dedup_k):
+        members = np.where(assignment == c)[0]           # scan of the whole table
+        members = members[np.argsort(sims[members])]     # farthest from the centroid first
+        block = x[members]
+        triu = np.triu(block @ block.T, k=1)             # full M x M
+        dedup_keep[members[triu.max(axis=0, initial=-1.0) > 1 - EPS]] = False
+    stages["semdedup"] = (time.perf_counter() - t, rss_mb())
+    rows = np.flatnonzero(dedup_keep)
+    xs = x[rows]
+    target = round(keep * len(rows))
+    t = time.perf_counter()
+    centroids, assignment2, sims2 = kmeans(xs, DBP_K)
+    stages["dbp k-means"] = (time.perf_counter() - t, rss_mb())
+    t = time.perf_counter()
+    sizes = np.array([(assignment2 == c).sum() for c in range(DBP_K)])
+    d_intra = np.array([(1 - sims2[assignment2 == c]).mean() for c in range(DBP_K)])
+    csim = centroids @ centroids.T
+    np.fill_diagonal(csim, -np.inf)
+    d_inter = np.array([(1 - np.sort(row)[::-1][:NEIGHBORS]).mean() for row in csim])
+    z = d_intra * d_inter / TEMPERATURE
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    qp = solve_qp(P=sp.identity(DBP_K, format="csc") * 2.0, q=-2.0 * p * target,
+                  A=sp.csc_matrix(np.ones((1, DBP_K))), b=np.array([float(target)]),
+                  lb=np.ones(DBP_K), ub=sizes.astype(float), solver="osqp")
+    quotas = np.rint(qp).astype(np.int64)
+    selected = np.zeros(len(rows), bool)
+    for c in range(DBP_K):
+        members = np.where(assignment2 == c)[0]
+        selected[members[np.argsort(sims2[members])[: max(quotas[c], 0)]]] = True
+    stages["dbp quotas+select"] = (time.perf_counter() - t, rss_mb())
+    np.savez(out, dedup_keep=dedup_keep, quotas=quotas, sizes=sizes, rows=rows,
+             assignment=assignment2, centroids=centroids, selected=selected)
+    return {"stages": stages, "dbp_iterations": 100, "target": target}
+
+
+# --------------------------------------------------------------------------- comparison
+def objective(store_path: str, rows: np.ndarray, assignment: np.ndarray, centroids: np.ndarray) -> float:
+    """Mean cosine of every DBP input row to its assigned centroid (k-means objective)."""
+    from dbp_lightning.pruning.embeddings import as_embeddings
+    from dbp_lightning.store import EmbeddingStore
+
+    sub = as_embeddings(EmbeddingStore(store_path).embeddings).subset(rows)
+    total = 0.0
+    for start, block in sub.blocks():
+        total += float(np.einsum("ij,ij->i", block, centroids[assignment[start:start + len(block)]]).sum())
+    return total / len(rows)
+
+
+def group_survivors(keep: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    in_group = group >= 0
+    ids, inverse, size = np.unique(group[in_group], return_inverse=True, return_counts=True)
+    return np.bincount(inverse, weights=keep[in_group], minlength=len(ids)).astype(int), size
+
+
+def quota_timing(repeats: int) -> list[dict]:
+    from dbp_lightning.pruning.quotas import _solve_osqp, dbp_quotas, quota_bounds, softmax_probabilities
+
+    rows = []
+    for k in (500, 50_000):
+        rng = np.random.default_rng(k)
+        sizes = rng.zipf(1.6, k).clip(1, 200_000)
+        complexity = rng.uniform(0.05, 0.4, k)
+        target = int(sizes.sum() * 0.4)
+        t_exact, t_osqp = [], []
+        for _ in range(repeats):
+            t = time.perf_counter(); q = dbp_quotas(complexity, sizes, target); t_exact.append(time.perf_counter() - t)
+            lower, upper = quota_bounds(sizes, target)
+            tt = softmax_probabilities(complexity, sizes, 0.1) * target
+            t = time.perf_counter(); x = _solve_osqp(tt, lower, upper, target); t_osqp.append(time.perf_counter() - t)
+        rint = np.rint(x).astype(int)
+        rows.append({"k": k, "exact_s": float(np.median(t_exact)), "osqp_s": float(np.median(t_osqp)),
+                     "exact_sum_ok": int(q.sum()) == target, "rint_sum_off": int(rint.sum()) - target,
+                     "rint_bound_violations": int(((rint < lower) | (rint > upper)).sum())})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--keep", type=float, default=0.6, help="DBP keeps this fraction of the dedup survivors")
+    ap.add_argument("--dedup-k", type=int, default=1000, help="ours: dedup partition size")
+    ap.add_argument("--dedup-niter", type=int, default=10, help="ours: dedup k-means iterations")
+    ap.add_argument("--dedup-k-baseline", type=int, default=3000)
+    ap.add_argument("--repeats", type=int, default=5, help="repeats of the quota timing")
+    ap.add_argument("--workdir", default="/tmp/dbp_bench_prune")
+    ap.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    store = work / f"pool_{args.n}_{args.dim}"
+
+    if args.worker:  # child process: one side, JSON on stdout
+        out = str(work / f"{args.worker}.npz")
+        if args.worker == "ours":
+            res = worker_ours(str(store), out, args.keep, args.dedup_k, args.dedup_niter)
+        else:
+            res = worker_baseline(str(store), out, args.keep, args.dedup_k_baseline)
+        print("RESULT " + json.dumps(res))
+        return
+
+    from dbp_lightning.store import EmbeddingStore
+    from dbp_lightning.synthetic import PoolSpec, write_pool_store
+
+    if not (store / "manifest.json").exists():
+        write_pool_store(store, PoolSpec(n=args.n, dim=args.dim, n_concepts=2000), progress=True)
+    results = {}
+    for side in ("ours", "baseline"):
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", side],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"{side} failed:\n{proc.stderr[-3000:]}")
+        results[side] = json.loads(line[0][7:])
+        results[side]["wall"] = time.perf_counter() - t
+        print(f"{side}: {results[side]['wall']:.1f} s", flush=True)
+
+    group = EmbeddingStore(store).metadata(["dup_group"]).column("dup_group").to_numpy()
+    saved = {s: np.load(work / f"{s}.npz") for s in results}
+    emb_mb = args.n * args.dim * 4 / 2**20
+
+    print(f"\npool: {args.n:,} x {args.dim} float32 ({emb_mb:.0f} MiB), "
+          f"{int((group >= 0).sum()):,} rows in planted near-duplicate groups; eps = {EPS}, "
+          f"DBP k = {DBP_K} keeps {args.keep:.0%} of the dedup survivors\n")
+    print(f"| stage | ours s | baseline s | speed-up | ours peak RSS MiB | baseline peak RSS MiB |")
+    print(f"|---|---:|---:|---:|---:|---:|")
+    for stage in results["ours"]["stages"]:
+        (to, ro), (tb, rb) = results["ours"]["stages"][stage], results["baseline"]["stages"][stage]
+        print(f"| {stage} | {to:.1f} | {tb:.1f} | {tb / max(to, 1e-9):.1f}x | {ro:.0f} | {rb:.0f} |")
+    tot_o = sum(v[0] for v in results["ours"]["stages"].values())
+    tot_b = sum(v[0] for v in results["baseline"]["stages"].values())
+    peak_o = max(v[1] for v in results["ours"]["stages"].values())
+    peak_b = max(v[1] for v in results["baseline"]["stages"].values())
+    print(f"| **total** | **{tot_o:.1f}** | **{tot_b:.1f}** | **{tot_b / tot_o:.1f}x** | {peak_o:.0f} | {peak_b:.0f} |")
+
+    surv = {s: group_survivors(saved[s]["dedup_keep"], group) for s in saved}
+    size = surv["ours"][1]
+    removed = {s: size - surv[s][0] for s in saved}
+    agree = np.minimum(removed["ours"], removed["baseline"]).sum() / max(np.maximum(removed["ours"], removed["baseline"]).sum(), 1)
+    print(f"\n| quality | ours | baseline |\n|---|---:|---:|")
+    print(f"| planted duplicates removed (of {int((size - 1).sum()):,}) | "
+          f"{int(removed['ours'].sum()):,} | {int(removed['baseline'].sum()):,} |")
+    print(f"| planted groups left with exactly one member | {(surv['ours'][0] == 1).mean():.4f} | "
+          f"{(surv['baseline'][0] == 1).mean():.4f} |")
+    for s in saved:
+        results[s]["false"] = int((~saved[s]["dedup_keep"][group < 0]).sum())
+    print(f"| rows removed outside planted groups | {results['ours']['false']:,} | {results['baseline']['false']:,} |")
+    covered = np.minimum(removed["ours"], removed["baseline"]).sum() / max(removed["baseline"].sum(), 1)
+    print(f"| share of the baseline's planted removals that ours also makes | {covered:.4f} | 1 |")
+    print(f"| agreement on planted removals (sum of min / sum of max, per group) | {agree:.4f} | |")
+    obj = {s: objective(str(store), saved[s]["rows"], saved[s]["assignment"], saved[s]["centroids"]) for s in saved}
+    print(f"| DBP k-means objective (mean cosine to centroid) | {obj['ours']:.5f} ({results['ours']['dbp_iterations']} it) | "
+          f"{obj['baseline']:.5f} (100 it) |")
+    print(f"| objective relative to baseline | {obj['ours'] / obj['baseline']:.4f} | 1 |")
+    for s in saved:
+        q, sz = saved[s]["quotas"], saved[s]["sizes"]
+        results[s]["qsum"] = int(q.sum()) - results[s]["target"]
+        results[s]["qviol"] = int(((q < np.minimum(sz, 1)) | (q > sz)).sum())
+    print(f"| quotas: sum - target | {results['ours']['qsum']} | {results['baseline']['qsum']} |")
+    print(f"| quotas outside 1 <= x_j <= M_j | {results['ours']['qviol']} | {results['baseline']['qviol']} |")
+    print(f"| peak RSS / embedding bytes | {peak_o / emb_mb:.2f} | {peak_b / emb_mb:.2f} |")
+
+    print(f"\n| quota solver (median of {args.repeats}) | exact s | OSQP s | speed-up | exact sum exact | OSQP+rint sum - target | OSQP+rint bound violations |")
+    print("|---|---:|---:|---:|---|---:|---:|")
+    for r in quota_timing(args.repeats):
+        print(f"| k = {r['k']:,} | {r['exact_s']:.4f} | {r['osqp_s']:.4f} | {r['osqp_s'] / r['exact_s']:.0f}x | "
+              f"{r['exact_sum_ok']} | {r['rint_sum_off']} | {r['rint_bound_violations']} |")
+
+
+if __name__ == "__main__":
+    main()
