@@ -125,7 +125,7 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
     _check_against_data(config, n, metadata)
     gpu = config.gpu if config.gpu == "auto" else config.gpu in (True, "true")
 
-    cols: dict[str, np.ndarray] = {"key": metadata.column("key").to_numpy(zero_copy_only=False)}
+    cols: dict = {"key": metadata.column("key").to_numpy(zero_copy_only=False)}
     if "uid" in metadata.column_names:
         cols["uid"] = metadata.column("uid").to_numpy(zero_copy_only=False)
     alive = np.ones(n, bool)
@@ -170,10 +170,11 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
         keep_rows, details = _select(selector, emb.subset(rows), s, target, config.seed, gpu, progress)
         if selector != "random":
             assignment, similarity, clusters = details.pop("_arrays")
-            cols["cluster"] = np.full(n, -1, np.int32)
-            cols["cluster"][rows] = assignment
-            cols["sim_to_centroid"] = np.full(n, np.nan, np.float32)
-            cols["sim_to_centroid"][rows] = similarity
+            # null, not a sentinel, for samples that never reached the selector
+            cluster, sim = np.zeros(n, np.int32), np.zeros(n, np.float32)
+            cluster[rows], sim[rows] = assignment, similarity
+            cols["cluster"] = pa.array(cluster, mask=~alive)
+            cols["sim_to_centroid"] = pa.array(sim, mask=~alive)
         cols[f"{selector}_kept"] = np.zeros(n, bool)
         cols[f"{selector}_kept"][rows[keep_rows]] = True
         alive &= cols[f"{selector}_kept"]

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+
+from conftest import unit_rows
+from dbp_lightning.pruning import assign, cluster_complexity, spherical_kmeans
+
+
+def test_kmeans_assignment_is_the_argmax_and_centroids_unit(rng):
+    x = unit_rows(rng, 3000, 24)
+    res = spherical_kmeans(x, 20, niter=15, seed=3)
+    assert res.centroids.shape == (20, 24) and res.centroids.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(res.centroids, axis=1), 1.0, atol=1e-5)
+    sims = x @ res.centroids.T
+    assert np.array_equal(res.assignment, sims.argmax(axis=1))
+    np.testing.assert_allclose(res.similarity, sims.max(axis=1), atol=1e-5)
+    assert res.assignment.dtype == np.int64 and res.n_iter == 15
+
+
+def test_kmeans_same_seed_same_output_and_sampled_float16(rng):
+    x = unit_rows(rng, 4000, 16).astype(np.float16)
+    a = spherical_kmeans(x, 10, niter=10, seed=5, sample=1000)
+    b = spherical_kmeans(x, 10, niter=10, seed=5, sample=1000)
+    assert np.array_equal(a.centroids, b.centroids) and np.array_equal(a.assignment, b.assignment)
+    c = spherical_kmeans(x, 10, niter=10, seed=6, sample=1000)
+    assert not np.array_equal(a.centroids, c.centroids)
+
+
+def test_kmeans_tol_stops_early_on_clustered_data(rng):
+    centers = unit_rows(rng, 8, 32)
+    x = centers[rng.integers(0, 8, 4000)] + 0.05 * rng.standard_normal((4000, 32)).astype(np.float32)
+    res = spherical_kmeans(x / np.linalg.norm(x, axis=1, keepdims=True), 8, niter=100, tol=1e-6)
+    assert res.n_iter < 100
+
+
+def test_kmeans_refuses_bad_k_and_streams_assignment(rng):
+    x = unit_rows(rng, 50, 8)
+    with pytest.raises(ValueError, match="k=51"):
+        spherical_kmeans(x, 51)
+    centroids = unit_rows(rng, 4, 8)
+    a, s = assign(x, centroids, block_size=7)
+    assert np.array_equal(a, (x @ centroids.T).argmax(1))
+
+
+def brute_complexity(x, centroids, assignment, l):
+    k = len(centroids)
+    d_intra = np.array([np.mean(1 - x[assignment == j] @ centroids[j]) if (assignment == j).any() else 0.0
+                        for j in range(k)])
+    d_inter = np.empty(k)
+    for j in range(k):
+        others = [1 - centroids[j] @ centroids[i] for i in range(k) if i != j]
+        d_inter[j] = np.mean(sorted(others)[:l])
+    return d_intra, d_inter
+
+
+@pytest.mark.parametrize("l", [1, 3, 9])
+def test_complexity_matches_definition(rng, l):
+    x = unit_rows(rng, 600, 12).astype(np.float64)
+    centroids = unit_rows(rng, 10, 12).astype(np.float64)
+    assignment = (x @ centroids.T).argmax(1)
+    assignment[assignment == 4] = 5  # cluster 4 is empty
+    cc = cluster_complexity(x, centroids, assignment, num_neighbors=l)
+    d_intra, d_inter = brute_complexity(x, centroids, assignment, l)
+    np.testing.assert_allclose(cc.d_intra, d_intra, atol=1e-5)
+    np.testing.assert_allclose(cc.d_inter, d_inter, atol=1e-5)
+    assert cc.sizes[4] == 0 and cc.d_intra[4] == 0.0 and np.isfinite(cc.complexity).all()
+    np.testing.assert_allclose(cc.complexity, d_intra * d_inter, atol=1e-5)
+    given = cluster_complexity(x, centroids, assignment, l,
+                               similarity=np.einsum("ij,ij->i", x, centroids[assignment]))
+    np.testing.assert_allclose(given.d_intra, cc.d_intra, atol=1e-6)
+
+
+def test_complexity_refuses_too_many_neighbours(rng):
+    with pytest.raises(ValueError, match="num_neighbors=20"):
+        cluster_complexity(unit_rows(rng, 30, 4), unit_rows(rng, 10, 4), np.zeros(30, int))
