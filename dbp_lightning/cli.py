@@ -48,6 +48,12 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def prune_config(parser: ArgumentParser, cfg) -> PruneConfig:
+    """The :class:`PruneConfig` of parsed ``prune`` arguments (YAML and flags merged)."""
+    ns = parser.instantiate(cfg).prune
+    return PruneConfig(**{name: ns[name] for name in PruneConfig.__dataclass_fields__})
+
+
 def run_prune(config: PruneConfig) -> int:
     from .pruning.pipeline import load_input, prune
     from .rundir import write_run
@@ -80,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parser.parse_args(argv)
     try:
         if cfg.command == "prune":
-            ns = parser.instantiate(cfg).prune
-            return run_prune(PruneConfig(**{f: ns[f] for f in PruneConfig.__dataclass_fields__}))
+            return run_prune(prune_config(parser, cfg))
         if cfg.command == "data" and cfg.data.kind == "synthetic":
             return run_synthetic(cfg.data.synthetic)
     except ValueError as exc:  # bad input: one clear line, no traceback

@@ -139,3 +139,21 @@ def test_console_script_runs(tmp_path, pool):
                           str(write_config(tmp_path, pool))], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "kept" in out.stdout
+
+
+@pytest.mark.parametrize("preset", ["demo", "laion_dedup_280m", "datacomp_medium"])
+def test_presets_parse_and_hold_the_papers_settings(preset):
+    from pathlib import Path
+
+    from dbp_lightning.cli import build_parser, prune_config
+
+    parser = build_parser()
+    path = Path(__file__).parents[1] / "configs" / "prune" / f"{preset}.yaml"
+    config = prune_config(parser, parser.parse_args(["prune", "--config", str(path)])).validate()
+    s = config.select
+    assert (s.temperature, s.num_neighbors, s.balance_ratio) == (0.1, 20, 0.0)
+    if preset == "laion_dedup_280m":
+        assert s.k == 500 and config.semdedup.target_fraction == 0.63 and config.stages == ["semdedup", "dbp"]
+    if preset == "datacomp_medium":
+        assert s.k == 100 and config.semdedup.target_fraction == 0.8
+        assert config.clip_score.column == "clip_l14_similarity_score" and 0.4 <= config.clip_score.fraction <= 0.5
