@@ -29,7 +29,8 @@ def use_gpu(gpu: str | bool) -> bool:
     """Resolve ``gpu`` ("auto", True or False) against the GPUs faiss can see."""
     if gpu not in ("auto", True, False):
         raise ValueError(f"gpu must be 'auto', True or False, got {gpu!r}")
-    n_gpus = _faiss().get_num_gpus() if hasattr(_faiss(), "get_num_gpus") else 0
+    faiss = _faiss()
+    n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if gpu is True and n_gpus == 0:
         raise ValueError("gpu=True but faiss sees no GPU: install dbp-lightning[gpu] on a CUDA "
                          "machine, or use gpu='auto'")

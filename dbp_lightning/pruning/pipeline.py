@@ -167,9 +167,10 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
         if target > len(rows):
             raise ValueError(f"select.target_size={target} exceeds the {len(rows)} samples left "
                              f"after {', '.join(config.stages[:config.stages.index(selector)])}")
-        keep_rows, details = _select(selector, emb.subset(rows), s, target, config.seed, gpu, progress)
-        if selector != "random":
-            assignment, similarity, clusters = details.pop("_arrays")
+        keep_rows, details, clustering = _select(selector, emb.subset(rows), s, target,
+                                                 config.seed, gpu, progress)
+        if clustering is not None:
+            assignment, similarity, clusters = clustering
             # null, not a sentinel, for samples that never reached the selector
             cluster, sim = np.zeros(n, np.int32), np.zeros(n, np.float32)
             cluster[rows], sim[rows] = assignment, similarity
@@ -188,9 +189,13 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
 
 
 def _select(selector: str, emb: Embeddings, s, target: int, seed: int, gpu, progress: bool):
-    """Run the selector on the surviving rows; keep mask over them and report details."""
+    """Run the selector on the surviving rows.
+
+    Returns the keep mask over them, report details, and for dbp/ssp (assignment, similarity,
+    clusters table); None for random.
+    """
     if selector == "random":
-        return random_select(emb.n, target, seed), {}
+        return random_select(emb.n, target, seed), {}, None
     km = spherical_kmeans(emb, s.k, niter=s.niter, seed=seed, sample=s.sample, gpu=gpu,
                           tol=s.tol, progress=progress)
     details = {"k": s.k, "kmeans_iterations": km.n_iter,
@@ -213,5 +218,4 @@ def _select(selector: str, emb: Embeddings, s, target: int, seed: int, gpu, prog
     kept = np.bincount(km.assignment[keep], minlength=s.k)
     clusters = pa.table({"cluster": np.arange(s.k, dtype=np.int32), "size": sizes, **table,
                          "kept": kept})
-    details["_arrays"] = (km.assignment, km.similarity, clusters)
-    return keep, details
+    return keep, details, (km.assignment, km.similarity, clusters)
