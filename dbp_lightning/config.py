@@ -21,6 +21,7 @@ class SemDeDupConfig:
     k: int = 1000                            #: clusters of the dedup partition
     niter: int = 10                          #: k-means iterations
     sample: Optional[int] = None             #: k-means training rows (None: 256 per centroid)
+    passes: int = 2                          #: partitions (seeds) searched; 1 = public SemDeDup
     eps: Optional[float] = None              #: remove when duplicate similarity > 1 - eps
     target_fraction: Optional[float] = 0.8   #: or: keep this fraction (eps found exactly)
     block_size: int = 4096                   #: rows per similarity block
@@ -85,8 +86,8 @@ class PruneConfig:
             _check(d.eps is None or 0 < d.eps < 2, f"semdedup.eps must be in (0, 2), got {d.eps}")
             _check(d.target_fraction is None or 0 < d.target_fraction <= 1,
                    f"semdedup.target_fraction must be in (0, 1], got {d.target_fraction}")
-            _check(d.k >= 1 and d.niter >= 1 and d.block_size >= 1,
-                   "semdedup.k, semdedup.niter and semdedup.block_size must be >= 1")
+            _check(min(d.k, d.niter, d.block_size, d.passes) >= 1,
+                   "semdedup.k, .niter, .block_size and .passes must be >= 1")
         if "clip_score" in self.stages:
             c = self.clip_score
             _check((c.threshold is None) != (c.fraction is None),

@@ -113,3 +113,26 @@ def test_semdedup_target_fraction_within_half_a_point(rng):
         assert abs(keep.mean() - f) <= 0.005
     with pytest.raises(ValueError, match="exactly one"):
         semdedup(x, assignment, sim)
+
+
+def test_several_partitions_match_definition_and_keep_a_member_of_every_group(rng):
+    x = unit_rows(rng, 240, 6)                   # 6-d: plenty of close pairs
+    a, b = rng.integers(0, 5, 240), rng.integers(0, 4, 240)
+    key = rng.uniform(0, 1, 240)
+    got = duplicate_similarity(x, [a, b], key, block_size=16)
+    order = np.lexsort((key,))
+    rank = np.empty(240, int); rank[order] = np.arange(240)
+    full = x @ x.T
+    expected = np.full(240, -1.0)
+    for j in range(240):
+        earlier = (rank < rank[j]) & ((a == a[j]) | (b == b[j]))
+        if earlier.any():
+            expected[j] = full[j, earlier].max()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # a near-duplicate pair split by partition a is found through partition b
+    x2, src = planted(rng, n_base=100, copies=10)
+    split = np.zeros(len(x2), int); split[100:] = 1   # every copy in another cell than its source
+    sim = rng.uniform(0, 1, len(x2))
+    assert (duplicate_similarity(x2, split, sim) <= 0.95).all()
+    both = duplicate_similarity(x2, [split, np.zeros(len(x2), int)], sim)
+    assert (both > 0.95).sum() == 10

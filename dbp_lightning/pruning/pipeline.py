@@ -139,15 +139,17 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
 
     if "semdedup" in config.stages:
         d, t0 = config.semdedup, time.perf_counter()
-        km = spherical_kmeans(emb, d.k, niter=d.niter, seed=config.seed, sample=d.sample,
-                              gpu=gpu, progress=progress)
-        dup_sim = duplicate_similarity(emb, km.assignment, km.similarity, d.block_size, progress)
+        parts = [spherical_kmeans(emb, d.k, niter=d.niter, seed=config.seed + p, sample=d.sample,
+                                  gpu=gpu, progress=progress) for p in range(d.passes)]
+        dup_sim = duplicate_similarity(emb, [p.assignment for p in parts], parts[0].similarity,
+                                       d.block_size, progress)
         threshold = 1.0 - d.eps if d.eps is not None else threshold_for_fraction(dup_sim, d.target_fraction)
-        cols["dedup_cluster"] = km.assignment.astype(np.int32)
+        cols["dedup_cluster"] = parts[0].assignment.astype(np.int32)
         cols["dup_sim"] = dup_sim
         cols["dedup_kept"] = dup_sim <= threshold
         alive &= cols["dedup_kept"]
-        record("semdedup", t0, n, eps=round(1.0 - threshold, 6), k=d.k, kmeans_iterations=km.n_iter)
+        record("semdedup", t0, n, eps=round(1.0 - threshold, 6), k=d.k, passes=d.passes,
+               kmeans_iterations=parts[0].n_iter)
 
     if "clip_score" in config.stages:
         c, t0, n_in = config.clip_score, time.perf_counter(), int(alive.sum())

@@ -8,6 +8,15 @@ similarity exceeds ``1 - eps``. So in a group of near-duplicates the member fart
 centroid survives. Because removal depends on eps only through that one number per member, the
 eps that keeps a target fraction is a quantile of the duplicate similarities, found exactly
 rather than by repeated dedup passes.
+
+Several partitions: k-means boundaries cut through dense regions, and a near-duplicate pair
+that straddles one is never compared. Given several partitions (k-means runs with different
+seeds), a member is compared with every member ranked before it that shares a cell with it in
+*any* partition; the ranking stays that of the first partition's centroid similarity, so the
+least prototypical member of a group still survives. With one partition this is exactly the
+definition above. Two partitions find the pairs one partition splits at twice the dedup cost
+(``benchmarks/bench_prune.py``), where the public recipe instead runs 100 k-means iterations
+and still misses them.
 """
 
 from __future__ import annotations
@@ -22,14 +31,16 @@ from .groups import cluster_index
 NO_EARLIER = -1.0
 
 
-def duplicate_similarity(x, assignment: np.ndarray, sim_to_centroid: np.ndarray,
+def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray,
                          block_size: int = 4096, progress: bool = False) -> np.ndarray:
     """Each row's largest cosine similarity to a member of its cluster ranked before it.
 
     Args:
         x: (N, d) embeddings (array, memmap or Embeddings).
-        assignment: int (N,) cluster of each row.
-        sim_to_centroid: float (N,) similarity to the cluster's centroid (the ranking key).
+        assignment: int (N,) cluster of each row, or a sequence of such partitions: then the
+            maximum over partitions (see the module docstring).
+        sim_to_centroid: float (N,) similarity to the (first partition's) centroid: the
+            ranking key, least similar first, ties by row.
         block_size: rows per similarity block; at most block_size**2 similarities exist at once,
             never a full M x M matrix for a cluster larger than the block.
 
@@ -37,6 +48,9 @@ def duplicate_similarity(x, assignment: np.ndarray, sim_to_centroid: np.ndarray,
         float32 (N,), in [-1, 1]; ``NO_EARLIER`` (-1.0) for each cluster's first member.
     """
     emb = as_embeddings(x)
+    if not isinstance(assignment, np.ndarray) or assignment.ndim == 2:
+        return np.maximum.reduce([duplicate_similarity(emb, a, sim_to_centroid, block_size, progress)
+                                  for a in assignment])
     if len(assignment) != emb.n:
         raise ValueError(f"assignment has {len(assignment)} rows, embeddings have {emb.n}")
     if block_size < 1:
@@ -82,8 +96,10 @@ def semdedup(x, assignment: np.ndarray, sim_to_centroid: np.ndarray, eps: float 
 
     Args:
         x: (N, d) embeddings (array, memmap or Embeddings).
-        assignment: int (N,) cluster of each row (from :func:`spherical_kmeans`).
-        sim_to_centroid: float (N,) cosine similarity of each row to its centroid.
+        assignment: int (N,) cluster of each row (from :func:`spherical_kmeans`), or a
+            sequence of partitions (k-means with different seeds) searched together.
+        sim_to_centroid: float (N,) cosine similarity of each row to its (first partition's)
+            centroid; the farthest member of a near-duplicate group survives.
         eps: remove rows whose duplicate similarity exceeds ``1 - eps``; in (0, 2).
         target_fraction: instead of eps, keep this fraction of rows (within rounding, exact
             unless duplicate similarities tie). Give exactly one of eps and target_fraction.
