@@ -128,7 +128,7 @@ def _solve_osqp(t: np.ndarray, lower: np.ndarray, upper: np.ndarray, total: int)
     k = len(t)
     x = solve_qp(P=sp.identity(k, format="csc") * 2.0, q=-2.0 * t, A=sp.csc_matrix(np.ones((1, k))),
                  b=np.array([float(total)]), lb=lower.astype(np.float64), ub=upper.astype(np.float64),
-                 solver="osqp", eps_abs=1e-9, eps_rel=1e-9, max_iter=100000, polish=True)
+                 solver="osqp", eps_abs=1e-9, eps_rel=1e-9, max_iter=100000, polishing=True)
     if x is None:
         raise ValueError("OSQP found no solution for the quota QP")
     return x
