@@ -1,0 +1,111 @@
+"""Reading img2dataset / DataComp WebDataset shards: ``KEY.jpg|jpeg|png|webp``, ``KEY.txt``,
+``KEY.json`` per sample, through webdataset's own tar iterators."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+from braceexpand import braceexpand
+from webdataset import tariterators
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Shard paths from a brace pattern, a glob, a directory, or a list of any of these.
+
+    Returns sorted-within-pattern, de-duplicated absolute paths; raises ValueError naming the
+    pattern that matched nothing and any shard whose name (stem) appears twice, because
+    outputs are stored by shard name.
+    """
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    paths: list[str] = []
+    for s in specs:
+        s = str(s)
+        if os.path.isdir(s):
+            found = sorted(str(p) for p in Path(s).glob("*.tar"))
+        else:
+            found = []
+            for pattern in braceexpand(s):
+                found += sorted(glob.glob(pattern)) if glob.has_magic(pattern) else (
+                    [pattern] if os.path.isfile(pattern) else [])
+        if not found:
+            raise ValueError(f"shards: {s!r} matches no tar file")
+        paths += [os.path.abspath(p) for p in found]
+    paths = list(dict.fromkeys(paths))
+    names = Counter(shard_name(p) for p in paths)
+    clash = [n for n, c in names.items() if c > 1]
+    if clash:
+        both = [p for p in paths if shard_name(p) == clash[0]]
+        raise ValueError(f"shards: two shards share the name {clash[0]!r}: {both[0]} and {both[1]}")
+    return paths
+
+
+def shard_name(path: str) -> str:
+    """The name outputs of a shard are stored under: its file name without ``.tar``."""
+    name = os.path.basename(path)
+    return name[:-4] if name.endswith(".tar") else name
+
+
+def sample_id(sample: dict) -> str:
+    """The identity of a sample: DataComp's ``uid`` from its json when present, else ``__key__``."""
+    meta = sample.get("json")
+    if meta:
+        try:
+            uid = json.loads(meta).get("uid")
+        except (ValueError, AttributeError):
+            uid = None
+        if uid:
+            return str(uid)
+    return sample["__key__"]
+
+
+def iter_shard(path: str, errors: Counter) -> Iterator[dict]:
+    """Raw samples (``__key__`` and one bytes value per extension) of one tar shard.
+
+    A truncated or corrupt tar ends the shard early: what was read is yielded and
+    ``errors["truncated"]`` is set, instead of failing the run.
+    """
+    def handler(exc: Exception) -> bool:
+        errors["truncated"] = 1
+        return False  # stop reading this shard
+
+    try:
+        with open(path, "rb") as stream:
+            files = tariterators.tar_file_iterator(stream, handler=handler)
+            files = ({**f, "__url__": path} for f in files)
+            yield from tariterators.group_by_keys(files, handler=handler)
+    except (OSError, EOFError) as exc:  # the tar header itself unreadable
+        errors["truncated"] = 1
+
+
+def decode_image(sample: dict):
+    """The sample's image as an RGB PIL image, or None if it has none or it does not decode."""
+    from PIL import Image
+
+    for ext in IMAGE_EXTENSIONS:
+        if ext in sample:
+            try:
+                with Image.open(io.BytesIO(sample[ext])) as img:
+                    return img.convert("RGB")
+            except Exception:  # PIL raises many types for corrupt bytes
+                return None
+    return None
+
+
+def decode_caption(sample: dict) -> str | None:
+    """The sample's caption (``txt``), stripped; None when absent, empty or not UTF-8."""
+    raw = sample.get("txt")
+    if raw is None:
+        return None
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    return text or None

@@ -1,0 +1,210 @@
+"""``dbp-lightning embed``: WebDataset shards -> an embedding store, through ``Trainer.predict``.
+
+The same code runs on one CPU, one GPU, or DDP over GPUs and nodes: each rank takes every
+world-size-th shard, each dataloader worker every num_workers-th of those, and a worker yields a
+shard as chunks of decoded, preprocessed samples. :class:`ShardWriter` collects a shard's chunks
+and writes ``<shard>.npy`` + ``<shard>.parquet`` and last ``<shard>.done.json``, each atomically;
+a shard with a done file is never embedded again, so a killed run resumes where it stopped.
+When every rank has finished, rank 0 checks keys across shards and writes ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import lightning as L
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .atomic import write_json, write_npy, write_parquet
+from .data.shards import decode_caption, decode_image, expand_shards, iter_shard, sample_id, shard_name
+from .encoders import Encoder, EncoderConfig, build_encoder
+from .store import FORMAT, VERSION, EmbeddingStore
+
+DONE = ".done.json"
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank among the DDP processes (workers inherit it), (0, 1) without DDP."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_done(out_dir: Path, shard: str) -> bool:
+    return (out_dir / f"{shard_name(shard)}{DONE}").is_file()
+
+
+class ShardChunks(IterableDataset):
+    """Chunks of decoded samples from this rank's and this worker's share of the shards.
+
+    Each item: ``{"shard", "last", "keys", "uids", "images", "texts", "counts"}``; ``images`` a
+    float tensor (b, 3, H, W) when the encoder needs images, ``texts`` tokenized captions when
+    it needs text; ``counts`` (on the last chunk of a shard) what was skipped and why.
+    """
+
+    def __init__(self, shards: list[str], out_dir: str, encoder: Encoder, chunk_size: int = 256):
+        self.shards = shards
+        self.out_dir = Path(out_dir)
+        self.chunk_size = chunk_size
+        self.transform = encoder.image_transform if encoder.needs_image else None
+        self.tokenize = encoder.tokenize if encoder.needs_text else None
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world = _rank_and_world()
+        mine = self.shards[rank::world]
+        info = get_worker_info()
+        mine = mine if info is None else mine[info.id :: info.num_workers]
+        for shard in mine:
+            if not is_done(self.out_dir, shard):
+                yield from self._chunks(shard)
+
+    def _chunks(self, shard: str) -> Iterator[dict]:
+        counts: Counter = Counter()
+        buf: list[tuple] = []
+        for sample in iter_shard(shard, counts):
+            counts["read"] += 1
+            image = decode_image(sample) if self.transform else None
+            caption = decode_caption(sample)
+            if self.transform and image is None:
+                counts["undecodable_image"] += 1
+                continue
+            if self.tokenize and caption is None:
+                counts["no_caption"] += 1
+                continue
+            meta = sample.get("json")
+            buf.append((sample["__key__"], sample_id(sample), image, caption, meta))
+            if len(buf) == self.chunk_size:
+                yield self._chunk(shard, buf, last=False, counts=None)
+                buf = []
+        yield self._chunk(shard, buf, last=True, counts=dict(counts))
+
+    def _chunk(self, shard, buf, last, counts) -> dict:
+        keys, uids, images, captions, _ = zip(*buf) if buf else ((), (), (), (), ())
+        return {"shard": shard_name(shard), "last": last, "keys": list(keys), "uids": list(uids),
+                "images": torch.stack([self.transform(i) for i in images]) if self.transform and buf else None,
+                "texts": self.tokenize(list(captions)) if self.tokenize and buf else None,
+                "counts": counts}
+
+
+class EmbedModule(L.LightningModule):
+    """Wraps an :class:`Encoder` for ``Trainer.predict``; one chunk per predict step."""
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def predict_step(self, chunk: dict, batch_idx: int) -> dict:
+        if chunk["keys"]:
+            emb, score = self.encoder(chunk["images"], chunk["texts"])
+            chunk["embeddings"] = emb.float().cpu().numpy()
+            chunk["clip_score"] = None if score is None else score.float().cpu().numpy()
+        else:
+            chunk["embeddings"] = np.zeros((0, self.encoder.dim), np.float32)
+            chunk["clip_score"] = np.zeros(0, np.float32) if self.encoder.scores else None
+        chunk["images"] = chunk["texts"] = None  # free them before the writer holds the chunk
+        return chunk
+
+
+class ShardWriter(BasePredictionWriter):
+    """Writes each shard's embeddings when its last chunk arrives; rank 0 writes the manifest."""
+
+    def __init__(self, out_dir: str, shards: list[str], dtype: str, info: dict):
+        super().__init__(write_interval="batch")
+        self.out_dir, self.shards, self.dtype, self.info = Path(out_dir), shards, dtype, info
+        self.pending: dict[str, list[dict]] = {}
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx=0):
+        chunks = self.pending.setdefault(prediction["shard"], [])
+        chunks.append(prediction)
+        if prediction["last"]:
+            self._write_shard(self.pending.pop(prediction["shard"]))
+
+    def _write_shard(self, chunks: list[dict]) -> None:
+        name = chunks[0]["shard"]
+        emb = np.concatenate([c["embeddings"] for c in chunks]).astype(self.dtype)
+        columns = {"key": sum((c["keys"] for c in chunks), []), "uid": sum((c["uids"] for c in chunks), [])}
+        if chunks[0]["clip_score"] is not None:
+            columns["clip_score"] = np.concatenate([c["clip_score"] for c in chunks]).astype(np.float32)
+        write_npy(self.out_dir / f"{name}.npy", emb)
+        write_parquet(self.out_dir / f"{name}.parquet", pa.table(columns))
+        counts = {k: int(v) for k, v in (chunks[-1]["counts"] or {}).items()}
+        write_json(self.out_dir / f"{name}{DONE}", {"rows": len(emb), "counts": counts})
+
+    def on_predict_end(self, trainer, pl_module):
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            write_manifest(self.out_dir, self.shards, self.dtype, self.info)
+        trainer.strategy.barrier()
+
+
+def write_manifest(out_dir: Path, shards: list[str], dtype: str, info: dict) -> None:
+    """Check every shard is done and keys are unique across shards; write ``manifest.json``."""
+    entries, seen, skipped = [], {}, Counter()
+    dim = None
+    for shard in shards:
+        name = shard_name(shard)
+        done = out_dir / f"{name}{DONE}"
+        if not done.is_file():
+            raise RuntimeError(f"{shard}: not embedded; rerun to finish it")
+        meta = json.loads(done.read_text())
+        skipped.update(meta["counts"])
+        if meta["rows"] == 0:
+            continue  # an empty shard: counted, stored nowhere
+        arr = np.load(out_dir / f"{name}.npy", mmap_mode="r")
+        dim = arr.shape[1]
+        for key in pq.read_table(out_dir / f"{name}.parquet", columns=["uid"]).column("uid").to_pylist():
+            if key in seen:
+                raise ValueError(f"sample {key!r} occurs in shard {seen[key]} and in shard {shard}")
+            seen[key] = shard
+        entries.append({"name": name, "rows": int(meta["rows"])})
+    if dim is None:
+        raise ValueError("no shard had a usable sample: nothing to embed")
+    write_json(out_dir / "manifest.json", {"format": FORMAT, "version": VERSION, "dim": int(dim),
+                                           "dtype": dtype, "shards": entries,
+                                           "skipped": dict(skipped), **info})
+
+
+def embed_shards(shards: str | list[str], out_dir: str, encoder: EncoderConfig,
+                 batch_size: int = 256, num_workers: int = 2, dtype: str = "float16",
+                 trainer_kwargs: dict | None = None) -> EmbeddingStore:
+    """Embed ``shards`` into an embedding store at ``out_dir`` (resuming a killed run).
+
+    Args:
+        shards: brace pattern, glob, directory or list (see :func:`expand_shards`).
+        out_dir: the store directory.
+        encoder: which model, on which modality.
+        batch_size: samples per predict step (a chunk of one shard).
+        num_workers: dataloader workers decoding shards in parallel.
+        dtype: "float16" (half the disk of float32) or "float32".
+        trainer_kwargs: passed to ``lightning.Trainer`` (accelerator, devices, strategy,
+            num_nodes, precision); default: one device, bf16 autocast on GPU.
+    """
+    paths = expand_shards(shards)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_encoder(encoder)
+    kwargs = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
+              "enable_model_summary": False,
+              "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"}
+    kwargs.update(trainer_kwargs or {})
+    trainer = L.Trainer(use_distributed_sampler=False, **kwargs)
+    info = {"encoder": vars(encoder), "source_shards": paths}
+    writer = ShardWriter(str(out), paths, dtype, info)
+    trainer.callbacks.append(writer)
+    dataset = ShardChunks(paths, str(out), model, batch_size)
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                        persistent_workers=False)
+    trainer.predict(EmbedModule(model), loader, return_predictions=False)
+    return EmbeddingStore(out)
