@@ -38,7 +38,8 @@ def _synthetic_parser() -> ArgumentParser:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="dbp-lightning", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="dbp-lightning", description=__doc__.splitlines()[0],
+                            exit_on_error=False)
     commands = parser.add_subcommands(dest="command")
     commands.add_subcommand("prune", _prune_parser(), help="prune a pool into a run directory")
     data = ArgumentParser(description="make datasets")
@@ -83,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # says which SIMD build loaded
     parser = build_parser()
-    cfg = parser.parse_args(argv)
+    try:
+        cfg = parser.parse_args(argv)
+    except Exception as exc:  # jsonargparse's ArgumentError: a bad flag, key or config file
+        print(f"dbp-lightning: error: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
+        return 2
     try:
         if cfg.command == "prune":
             return run_prune(prune_config(parser, cfg))

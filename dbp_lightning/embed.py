@@ -1,6 +1,7 @@
 """``dbp-lightning embed``: WebDataset shards -> an embedding store, through ``Trainer.predict``.
 
-The same code runs on one CPU, one GPU, or DDP over GPUs and nodes: each rank takes every
+The same code runs on one CPU, one GPU, or DDP over GPUs and nodes (launched by torchrun,
+SLURM or Lightning's own launcher; not ``ddp_spawn``): each rank takes every
 world-size-th shard, each dataloader worker every num_workers-th of those, and a worker yields a
 shard as chunks of decoded, preprocessed samples. :class:`ShardWriter` collects a shard's chunks
 and writes ``<shard>.npy`` + ``<shard>.parquet`` and last ``<shard>.done.json``, each atomically;
@@ -32,15 +33,6 @@ from .store import FORMAT, VERSION, EmbeddingStore
 DONE = ".done.json"
 
 
-def _rank_and_world() -> tuple[int, int]:
-    """This process's rank among the DDP processes (workers inherit it), (0, 1) without DDP."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def is_done(out_dir: Path, shard: str) -> bool:
     return (out_dir / f"{shard_name(shard)}{DONE}").is_file()
 
@@ -53,18 +45,19 @@ class ShardChunks(IterableDataset):
     it needs text; ``counts`` (on the last chunk of a shard) what was skipped and why.
     """
 
-    def __init__(self, shards: list[str], out_dir: str, encoder: Encoder, chunk_size: int = 256):
-        self.shards = shards
+    def __init__(self, shards: list[str], out_dir: str, encoder: Encoder, chunk_size: int = 256,
+                 rank: int = 0, world_size: int = 1):
+        # rank and world size of the Trainer that embeds, not of torch.distributed: embedding
+        # may run single-device inside a DDP job (DBPDataModule.prepare_data)
+        self.shards = shards[rank::world_size]
         self.out_dir = Path(out_dir)
         self.chunk_size = chunk_size
         self.transform = encoder.image_transform if encoder.needs_image else None
         self.tokenize = encoder.tokenize if encoder.needs_text else None
 
     def __iter__(self) -> Iterator[dict]:
-        rank, world = _rank_and_world()
-        mine = self.shards[rank::world]
         info = get_worker_info()
-        mine = mine if info is None else mine[info.id :: info.num_workers]
+        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
         for shard in mine:
             if not is_done(self.out_dir, shard):
                 yield from self._chunks(shard)
@@ -203,7 +196,7 @@ def embed_shards(shards: str | list[str], out_dir: str, encoder: EncoderConfig,
     info = {"encoder": vars(encoder), "source_shards": paths}
     writer = ShardWriter(str(out), paths, dtype, info)
     trainer.callbacks.append(writer)
-    dataset = ShardChunks(paths, str(out), model, batch_size)
+    dataset = ShardChunks(paths, str(out), model, batch_size, trainer.global_rank, trainer.world_size)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
                         persistent_workers=False)
     trainer.predict(EmbedModule(model), loader, return_predictions=False)

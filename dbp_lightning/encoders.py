@@ -129,7 +129,9 @@ def _open_clip(config: EncoderConfig) -> Encoder:
     import open_clip
 
     name = open_clip_model_name(config.model)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=config.checkpoint)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # random weights (no checkpoint) are the same in every process
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=config.checkpoint)
     tokenizer = open_clip.get_tokenizer(name)
     width = model.text_projection.shape[1] if hasattr(model, "text_projection") and model.text_projection is not None else None
     with torch.no_grad():
@@ -186,7 +188,9 @@ def _efficientnet_lite0(config: EncoderConfig) -> Encoder:
 def _timm(config: EncoderConfig) -> Encoder:
     import timm
 
-    model = timm.create_model(config.model, pretrained=False, num_classes=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = timm.create_model(config.model, pretrained=False, num_classes=0)
     if config.checkpoint:
         state = torch.load(config.checkpoint, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state.get("model", state))

@@ -52,16 +52,19 @@ def quota_profile(clusters: pa.Table, target: int, path: str | os.PathLike) -> N
     order = np.argsort(quota, kind="stable")
     x = np.arange(len(order))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].plot(x, np.asarray(c["p"])[order] * target, ".", ms=3, label="P_j N")
-    axes[1].plot(x, np.asarray(c["size"])[order], ".", ms=3, color="tab:gray", label="original size M_j")
+    axes[0].plot(x, np.asarray(c["p"])[order] * target, ".", ms=3, label="P_j N", zorder=3)
+    axes[1].plot(x, np.asarray(c["size"])[order], "o", ms=4, mfc="none", color="tab:gray",
+                 label="original size M_j", zorder=3)
     for ax in axes:
-        ax.plot(x, quota[order], "-", color="tab:red", label="pruned size x_j")
+        ax.plot(x, quota[order], "-", color="tab:red", label="pruned size x_j", zorder=2)
         ax.set_xlabel("clusters, sorted by pruned size")
         ax.set_ylabel("samples")
         ax.set_yscale("log")
         ax.legend()
-    axes[0].set_title("pruned size vs P_j N")
-    axes[1].set_title("pruned size vs original size")
+    axes[0].set_title("pruned size vs P_j N\n(x_j = clip(P_j N - lam, 1, M_j): one shift lam for all)",
+                      fontsize=10)
+    axes[1].set_title("pruned size vs original size\n(on the grey circle: the whole cluster is kept)",
+                      fontsize=10)
     fig.tight_layout()
     _save(fig, Path(path))
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""Write a prune run directory (layout in DESIGN.md); every file atomically, manifest last."""
+"""Write a prune run directory (layout in the README); every file atomically, manifest last."""
 
 from __future__ import annotations
 
@@ -15,19 +15,22 @@ from .atomic import write_json, write_npy, write_parquet
 from .pruning.pipeline import PruneResult
 
 
-def datacomp_subset(uids) -> np.ndarray:
-    """DataComp's subset format: sorted structured array dtype ``u8,u8`` of 128-bit hex uids.
+#: what a run writes besides manifest.json; cleared first so no file of an older run survives
+ARTIFACTS = ("selection.parquet", "clusters.parquet", "subset.npy", "report.json",
+             "plots/complexity_scatter.png", "plots/quotas.png")
 
-    Raises ValueError naming the first uid that is not 32 hex digits.
-    """
+
+def datacomp_subset(uids) -> np.ndarray | None:
+    """DataComp's subset format: sorted structured array dtype ``u8,u8`` of 128-bit hex uids;
+    None when some uid is not 32 hex digits (not a DataComp pool)."""
     out = np.empty(len(uids), np.dtype("u8,u8"))
     for i, uid in enumerate(uids):
-        if len(uid) != 32:
-            raise ValueError(f"uid {uid!r} is not 32 hex digits (DataComp format)")
         try:
+            if len(uid) != 32:
+                return None
             out[i] = (int(uid[:16], 16), int(uid[16:], 16))
-        except ValueError as exc:
-            raise ValueError(f"uid {uid!r} is not 32 hex digits (DataComp format)") from exc
+        except (ValueError, TypeError):
+            return None
     return np.sort(out)
 
 
@@ -48,16 +51,21 @@ def write_run(result: PruneResult, out_dir: str | os.PathLike, config: dict,
     ``manifest.json`` is written last: a run directory with a manifest is complete.
     """
     out = Path(out_dir)
-    (out / "manifest.json").unlink(missing_ok=True)  # the old run is no longer complete
-    write_parquet(out / "selection.parquet", result.selection)
     report = dict(result.report)
-    files = ["selection.parquet"]
+    subset = None
     if "uid" in result.selection.column_names:
-        kept_uids = result.selection.filter(result.selection.column("kept")).column("uid").to_pylist()
-        write_npy(out / "subset.npy", datacomp_subset(kept_uids))
+        subset = datacomp_subset(result.selection.filter(result.selection.column("kept"))
+                                 .column("uid").to_pylist())
+    if subset is None:
+        report["subset_npy"] = "not written: the uids are not DataComp's 32 hex digits"
+    (out / "manifest.json").unlink(missing_ok=True)  # the old run is no longer complete
+    for name in ARTIFACTS:
+        (out / name).unlink(missing_ok=True)
+    write_parquet(out / "selection.parquet", result.selection)
+    files = ["selection.parquet"]
+    if subset is not None:
+        write_npy(out / "subset.npy", subset)
         files.append("subset.npy")
-    else:
-        report["subset_npy"] = "not written: the input has no uid column"
     if result.clusters is not None:
         write_parquet(out / "clusters.parquet", result.clusters)
         files.append("clusters.parquet")

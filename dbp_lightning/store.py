@@ -136,7 +136,7 @@ class EmbeddingStore:
         return pa.concat_tables(tables)
 
     def fingerprint(self) -> str:
-        """sha256 of the manifest: identifies the store's content (shards carry checksums)."""
+        """sha256 of the manifest: names, row counts and provenance of every shard."""
         return hashlib.sha256((self.path / "manifest.json").read_bytes()).hexdigest()
 
 

@@ -157,3 +157,67 @@ def test_presets_parse_and_hold_the_papers_settings(preset):
     if preset == "datacomp_medium":
         assert s.k == 100 and config.semdedup.target_fraction == 0.8
         assert config.clip_score.column == "clip_l14_similarity_score" and 0.4 <= config.clip_score.fraction <= 0.5
+
+
+def test_refusals_come_before_any_clustering(tmp_path, pool, capsys, monkeypatch):
+    import dbp_lightning.pruning.pipeline as P
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("k-means ran before the config was refused")
+
+    monkeypatch.setattr(P, "spherical_kmeans", no_work)
+    for overrides, message in [({"select.k": 7000}, "select.k=7000"),
+                               ({"select.temperature": -1.0}, "temperature"),
+                               ({"clip_score.column": "nope"}, "no column 'nope'")]:
+        assert main(["prune", "--config", str(write_config(tmp_path, pool, **overrides))]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_selector_checks_name_the_survivors(pool):
+    from dbp_lightning.store import EmbeddingStore
+
+    config = PruneConfig(input="-", stages=["semdedup", "dbp"],
+                         semdedup=SemDeDupConfig(k=20, eps=0.05, target_fraction=None),
+                         select=SelectConfig(target_size=10, k=30, num_neighbors=5, min_per_cluster=1))
+    with pytest.raises(ValueError, match=r"select.min_per_cluster=1 x select.k=30 exceeds the target of 10"):
+        prune(EmbeddingStore(pool), config)
+
+
+def test_input_array_is_not_modified_and_read_only_memmaps_work(tmp_path, rng):
+    x = unit_rows(rng, 300, 8) * 2.0
+    np.save(tmp_path / "x.npy", x)
+    ro = np.load(tmp_path / "x.npy", mmap_mode="r")
+    config = PruneConfig(input="-", stages=["semdedup", "dbp"],
+                         semdedup=SemDeDupConfig(k=5, target_fraction=0.9),
+                         select=SelectConfig(target_size=100, k=8, num_neighbors=3))
+    before = x.copy()
+    with pytest.warns(UserWarning):
+        a = prune(x, config)
+    with pytest.warns(UserWarning):
+        b = prune(ro, config)
+    assert np.array_equal(x, before)
+    assert a.selection.equals(b.selection)
+
+
+def test_target_fraction_one_keeps_exact_duplicates(rng):
+    from dbp_lightning.pruning import semdedup
+
+    x = np.repeat(unit_rows(rng, 50, 16), 3, axis=0)
+    keep = semdedup(x, np.zeros(150, int), rng.uniform(0, 1, 150), target_fraction=1.0)
+    assert keep.all()
+
+
+def test_non_datacomp_uids_skip_subset_with_a_reason(tmp_path, rng):
+    from dbp_lightning.rundir import write_run
+
+    x = unit_rows(rng, 200, 8)
+    meta = pa.table({"key": [f"k{i}" for i in range(200)], "uid": [f"laion-{i}" for i in range(200)]})
+    config = PruneConfig(input="-", stages=["random"], select=SelectConfig(target_size=50))
+    result = prune(x, config, metadata=meta)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "subset.npy").write_bytes(b"stale")
+    write_run(result, tmp_path / "run", config.to_dict(), "test")
+    assert not (tmp_path / "run" / "subset.npy").exists()
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert "32 hex" in report["subset_npy"] and report["kept"] == 50
+    assert (tmp_path / "run" / "selection.parquet").stat().st_mode & 0o044  # readable by others

@@ -18,9 +18,10 @@ from .kmeans import KMeansResult, assign, spherical_kmeans
 from .quotas import dbp_quotas
 from .select import dbp_select, random_select, ssp_select
 from .semdedup import duplicate_similarity, semdedup
+from .pipeline import PruneResult, prune
 
 __all__ = [
-    "ClusterComplexity", "ClusterIndex", "Embeddings", "KMeansResult", "assign",
+    "ClusterComplexity", "ClusterIndex", "Embeddings", "KMeansResult", "PruneResult", "assign",
     "clip_score_filter", "cluster_complexity", "cluster_index", "dbp_quotas", "dbp_select",
-    "duplicate_similarity", "random_select", "semdedup", "spherical_kmeans", "ssp_select",
+    "duplicate_similarity", "prune", "random_select", "semdedup", "spherical_kmeans", "ssp_select",
 ]

@@ -34,7 +34,7 @@ def clip_score_filter(scores: np.ndarray, threshold: float | None = None,
         return scores >= threshold
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    n_keep = int(round(fraction * len(scores)))
+    n_keep = max(1, int(round(fraction * len(scores)))) if len(scores) else 0
     keep = np.zeros(len(scores), bool)
     # stable sort of -scores: highest first, earlier rows first among equals.
     keep[np.argsort(-scores, kind="stable")[:n_keep]] = True

@@ -76,8 +76,8 @@ class Embeddings:
 
     def _finish(self, block: np.ndarray) -> np.ndarray:
         block = np.ascontiguousarray(block, dtype=np.float32)
-        if self.normalize:
-            block /= np.linalg.norm(block, axis=1, keepdims=True)
+        if self.normalize:  # a new array: ``block`` may be a view of the caller's data
+            block = block / np.linalg.norm(block, axis=1, keepdims=True)
         return block
 
     def rows(self, start: int, stop: int) -> np.ndarray:

@@ -140,7 +140,8 @@ def spherical_kmeans(x, k: int, niter: int = 100, seed: int = 0, sample: int | N
             centroids, obj = run(step, centroids)
             done += step
             bar.update(step)
-            if len(obj) >= 2 and (obj[-1] - obj[-2]) <= tol * abs(obj[-1]):
+            # no objective history: faiss did not iterate (k == number of training points)
+            if len(obj) < 2 or (obj[-1] - obj[-2]) <= tol * abs(obj[-1]):
                 break
         bar.close()
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)

@@ -35,7 +35,7 @@ class PruneResult:
     """What :func:`prune` computed.
 
     Attributes:
-        selection: one row per input sample (see DESIGN.md): key, uid (if known), the dedup
+        selection: one row per input sample (columns listed in the README): key, uid (if known), the dedup
             partition and duplicate similarity, clip_score, the selector's cluster and
             similarity to centroid, one ``*_kept`` column per stage, and ``kept``.
         clusters: one row per selector cluster (dbp, ssp): size, d_intra, d_inter,
@@ -66,6 +66,8 @@ def load_input(config: PruneConfig) -> tuple[Embeddings, pa.Table, str]:
     except ValueError as exc:
         raise ValueError(f"input: {path}: unreadable .npy ({exc})") from exc
     if config.metadata:
+        if not Path(config.metadata).is_file():
+            raise ValueError(f"metadata: no file {config.metadata}")
         table = pq.read_table(config.metadata)
         if table.num_rows != len(x):
             raise ValueError(f"metadata: {config.metadata} has {table.num_rows} rows, "
@@ -79,6 +81,9 @@ def load_input(config: PruneConfig) -> tuple[Embeddings, pa.Table, str]:
 def _check_against_data(config: PruneConfig, n: int, metadata: pa.Table) -> None:
     if "key" not in metadata.column_names:
         raise ValueError("metadata: no 'key' column")
+    for name in ("key", "uid"):
+        if name in metadata.column_names and metadata.column(name).null_count:
+            raise ValueError(f"metadata: {metadata.column(name).null_count} rows have no {name}")
     keys = metadata.column("key").to_numpy(zero_copy_only=False)
     uniq, counts = np.unique(keys, return_counts=True)
     if len(uniq) != len(keys):
@@ -95,6 +100,20 @@ def _check_against_data(config: PruneConfig, n: int, metadata: pa.Table) -> None
             raise ValueError(f"select.target_size={s.target_size} exceeds the pool of {n} samples")
         if s.k > n and "random" not in config.stages:
             raise ValueError(f"select.k={s.k} exceeds the pool of {n} samples")
+
+
+def _check_selector(selector: str, s, target: int, n_left: int, before: list[str]) -> None:
+    """Refuse, before the selector's k-means, what the survivors cannot satisfy."""
+    after = f" left after {', '.join(before)}" if before else " in the pool"
+    if n_left == 0:
+        raise ValueError(f"no samples{after}: nothing for {selector} to select")
+    if target > n_left:
+        raise ValueError(f"select.target_size={target} exceeds the {n_left} samples{after}")
+    if selector != "random" and s.k > n_left:
+        raise ValueError(f"select.k={s.k} exceeds the {n_left} samples{after}")
+    if selector == "dbp" and s.min_per_cluster * s.k > target:
+        raise ValueError(f"select.min_per_cluster={s.min_per_cluster} x select.k={s.k} exceeds the "
+                         f"target of {target} samples")
 
 
 def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
@@ -166,9 +185,7 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
         s, t0 = config.select, time.perf_counter()
         rows = np.flatnonzero(alive)
         target = s.target_size if s.target_size is not None else max(1, round(s.target_fraction * len(rows)))
-        if target > len(rows):
-            raise ValueError(f"select.target_size={target} exceeds the {len(rows)} samples left "
-                             f"after {', '.join(config.stages[:config.stages.index(selector)])}")
+        _check_selector(selector, s, target, len(rows), config.stages[:config.stages.index(selector)])
         keep_rows, details, clustering = _select(selector, emb.subset(rows), s, target,
                                                  config.seed, gpu, progress)
         if clustering is not None:

@@ -85,7 +85,7 @@ def threshold_for_fraction(dup_sim: np.ndarray, target_fraction: float) -> float
         raise ValueError(f"target_fraction must be in (0, 1], got {target_fraction}")
     n_keep = max(1, int(round(target_fraction * len(dup_sim))))
     if n_keep >= len(dup_sim):
-        return 1.0
+        return float("inf")  # float32 similarities of exact duplicates can exceed 1.0
     return float(np.partition(dup_sim, n_keep - 1)[n_keep - 1])
 
 

@@ -1,0 +1,185 @@
+"""``DBPDataModule``: WebDataset shards in, a pruned stream of (image, text) batches out.
+
+``prepare_data`` (once per node) embeds the shards and prunes them, or finds both in the cache;
+``setup`` (every process) loads the selection; ``train_dataloader`` streams the source shards
+in order and skips the samples the selection dropped, so no resharding is needed.
+
+Cache layout under ``cache_dir``: ``embeddings-<hash>/`` (an embedding store, keyed by the
+shards' names, sizes and mtimes and the encoder config) and ``prune-<hash>/`` (a prune run
+directory, keyed by the store and the pruning config). A directory with its manifest is
+complete and reused; a killed run resumes shard by shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import lightning as L
+import numpy as np
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from .config import PruneConfig
+from .data.shards import decode_caption, decode_image, expand_shards, sample_id, shard_name
+from .encoders import EncoderConfig
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def shards_fingerprint(paths: list[str]) -> list[tuple]:
+    """(name, bytes, mtime_ns) per shard: what the cache key sees of the input."""
+    return [(shard_name(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
+
+
+def default_image_transform():
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor()])
+
+
+class DBPDataModule(L.LightningDataModule):
+    """Prunes WebDataset shards with DBP at setup and streams what it keeps.
+
+    Args:
+        shards: training shards: a brace pattern, a glob, a directory, or a list of these.
+        cache_dir: where the embedding store and the prune run are kept and reused.
+        encoder: the embedding model for pruning (default: EfficientNet-Lite0 image features).
+        prune: stages and options (``input``/``output`` are set here, from ``cache_dir``).
+        image_transform: PIL image -> tensor for training; default: the Lightning module's
+            ``preprocess_train`` if it has one, else resize-crop 224 and ``ToTensor``.
+        tokenizer: list[str] -> tensor; default: the module's ``tokenizer``, else raw strings.
+        batch_size: training samples per batch and per process.
+        num_workers: dataloader workers (each streams its own shards).
+        embed_batch_size: samples per embedding step.
+        embed_dtype: "float16" or "float32" for the store.
+        val_shards: optional held-out shards, streamed unpruned by ``val_dataloader``.
+        drop_uneven: under DDP, end the epoch at the batch count of the rank with the fewest
+            (every rank must take the same number of steps); samples beyond it that epoch are
+            not seen. Balanced shards (``reshard``-ed or equal) lose nothing.
+    """
+
+    def __init__(self, shards: str | list[str], cache_dir: str = "runs/cache",
+                 encoder: Optional[EncoderConfig] = None, prune: Optional[PruneConfig] = None,
+                 image_transform: Optional[Callable] = None, tokenizer: Optional[Callable] = None,
+                 batch_size: int = 256, num_workers: int = 4, embed_batch_size: int = 256,
+                 embed_dtype: str = "float16", val_shards: Optional[str | list[str]] = None,
+                 drop_uneven: bool = True):
+        super().__init__()
+        self.shards = expand_shards(shards)
+        self.val_shards = expand_shards(val_shards) if val_shards else None
+        self.cache_dir = Path(cache_dir)
+        self.encoder = (encoder or EncoderConfig(kind="efficientnet_lite0", model="efficientnet-lite0")).validate()
+        self.prune_config = dataclasses.replace(prune or PruneConfig(), input="-", output="-").validate()
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+        self.image_transform, self.tokenizer = image_transform, tokenizer
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.embed_batch_size, self.embed_dtype = embed_batch_size, embed_dtype
+        self.drop_uneven = drop_uneven
+        self.selection = None
+        self.report: dict = {}
+        self._kept_ids: set[str] = set()
+        self._kept_per_shard: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ cache paths
+    @property
+    def store_dir(self) -> Path:
+        key = _digest({"shards": shards_fingerprint(self.shards), "encoder": vars(self.encoder),
+                       "dtype": self.embed_dtype})
+        return self.cache_dir / f"embeddings-{key}"
+
+    @property
+    def prune_dir(self) -> Path:
+        config = dataclasses.replace(self.prune_config, input="-", output="-").to_dict()
+        return self.cache_dir / f"prune-{_digest({'store': self.store_dir.name, 'prune': config})}"
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def prepare_data(self) -> None:
+        """Embed and prune (once per node), unless the cache has both complete."""
+        from .embed import embed_shards
+        from .pruning.pipeline import load_input, prune
+        from .rundir import write_run
+
+        if not (self.store_dir / "manifest.json").is_file():
+            embed_shards(self.shards, str(self.store_dir), self.encoder, self.embed_batch_size,
+                         min(self.num_workers, 2), self.embed_dtype,
+                         trainer_kwargs={"devices": 1, "enable_progress_bar": True})
+        if not (self.prune_dir / "manifest.json").is_file():
+            config = dataclasses.replace(self.prune_config, input=str(self.store_dir), output=str(self.prune_dir))
+            emb, metadata, input_id = load_input(config)
+            result = prune(emb, config, metadata=metadata, progress=True)
+            write_run(result, self.prune_dir, config.to_dict(), input_id)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the selection and the report (every process)."""
+        if not (self.prune_dir / "manifest.json").is_file():
+            raise RuntimeError(f"{self.prune_dir}: no complete prune run; prepare_data must run first")
+        self.selection = pq.read_table(self.prune_dir / "selection.parquet")
+        self.report = json.loads((self.prune_dir / "report.json").read_text())
+        ids = self.selection.column("uid" if "uid" in self.selection.column_names else "key")
+        kept = self.selection.column("kept").to_numpy(zero_copy_only=False)
+        ids = np.asarray(ids.to_pylist(), dtype=object)
+        self._kept_ids = set(ids[kept])
+        manifest = json.loads((self.store_dir / "manifest.json").read_text())
+        counts = np.add.reduceat(kept, np.cumsum([0] + [s["rows"] for s in manifest["shards"]])[:-1])
+        self._kept_per_shard = {s["name"]: int(c) for s, c in zip(manifest["shards"], counts)}
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if self.image_transform is None:
+            self.image_transform = getattr(module, "preprocess_train", None) or default_image_transform()
+        if self.tokenizer is None:
+            self.tokenizer = getattr(module, "tokenizer", None)
+
+    # ------------------------------------------------------------------ streams
+    def _pipeline(self, shards: list[str], keep: Optional[set]) -> wds.WebDataset:
+        ds = wds.WebDataset(shards, shardshuffle=False, nodesplitter=wds.split_by_node,
+                            workersplitter=wds.split_by_worker, empty_check=False,
+                            handler=wds.warn_and_continue)
+        if keep is not None:
+            ds = ds.select(lambda s: sample_id(s) in keep)
+        return (ds.map(self._to_example).select(lambda e: e is not None)
+                  .batched(self.batch_size, partial=True))
+
+    def _to_example(self, sample: dict):
+        image, caption = decode_image(sample), decode_caption(sample)
+        if image is None or caption is None:
+            return None  # the embedder skipped and counted it too
+        text = self.tokenizer([caption])[0] if self.tokenizer is not None else caption
+        return self.image_transform(image), text, sample_id(sample)
+
+    def batches_per_rank(self, world_size: int) -> list[int]:
+        """Batches each rank's workers produce from the selection (split as webdataset does)."""
+        workers = max(self.num_workers, 1)
+        out = []
+        for rank in range(world_size):
+            mine = self.shards[rank::world_size]
+            out.append(sum(math.ceil(sum(self._kept_per_shard.get(shard_name(s), 0)
+                                         for s in mine[w::workers]) / self.batch_size)
+                           for w in range(workers)))
+        return out
+
+    def train_dataloader(self):
+        """(images, texts, ids) batches of the kept samples, each once per epoch per process
+        group; shards split by rank, then by worker."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_rank = self.batches_per_rank(world)
+        if world > len(self.shards):
+            raise ValueError(f"{len(self.shards)} shards cannot feed {world} ranks")
+        loader = wds.WebLoader(self._pipeline(self.shards, self._kept_ids), batch_size=None,
+                               num_workers=self.num_workers)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        n = min(per_rank) if self.drop_uneven and world > 1 else per_rank[rank]
+        return loader.with_epoch(n).with_length(n)
+
+    def val_dataloader(self):
+        if not self.val_shards:
+            return []
+        return wds.WebLoader(self._pipeline(self.val_shards, None), batch_size=None,
+                             num_workers=self.num_workers)

