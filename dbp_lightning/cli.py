@@ -1,6 +1,7 @@
 """The ``dbp-lightning`` console script.
 
 Subcommands:
+    embed            embed WebDataset shards into an embedding store (resumable)
     prune            run the pruning stages on an embedding store (YAML config + flags)
     data synthetic   write a synthetic clustered pool with planted duplicates as a store
 """
@@ -13,6 +14,7 @@ import sys
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from .config import PruneConfig
+from .encoders import EncoderConfig
 
 
 def _prune_parser() -> ArgumentParser:
@@ -21,6 +23,21 @@ def _prune_parser() -> ArgumentParser:
                        "report.json and manifest.json into --output.")
     p.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/prune/*.yaml)")
     p.add_class_arguments(PruneConfig, nested_key=None, fail_untyped=True)
+    return p
+
+
+def _embed_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Embed WebDataset shards (KEY.jpg|png|webp, KEY.txt, KEY.json) "
+                       "into an embedding store with Trainer.predict; a rerun resumes.")
+    p.add_argument("--config", action=ActionConfigFile, help="YAML config")
+    p.add_argument("--shards", type=str, required=True, help="brace pattern, glob or directory")
+    p.add_argument("--out", type=str, required=True, help="store directory")
+    p.add_class_arguments(EncoderConfig, "encoder")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--dtype", type=str, default="float16", help="float16 or float32")
+    p.add_argument("--devices", type=str, default="1", help="Lightning devices (1, 8, auto)")
+    p.add_argument("--num_nodes", type=int, default=1)
     return p
 
 
@@ -41,6 +58,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="dbp-lightning", description=__doc__.splitlines()[0],
                             exit_on_error=False)
     commands = parser.add_subcommands(dest="command")
+    commands.add_subcommand("embed", _embed_parser(), help="embed shards into an embedding store")
     commands.add_subcommand("prune", _prune_parser(), help="prune a pool into a run directory")
     data = ArgumentParser(description="make datasets")
     commands.add_subcommand("data", data, help="make datasets")
@@ -70,6 +88,20 @@ def run_prune(config: PruneConfig) -> int:
     return 0
 
 
+def run_embed(args) -> int:
+    from .embed import embed_shards
+
+    devices = int(args.devices) if args.devices.isdigit() else args.devices
+    strategy = "ddp" if devices not in (1, "1") or args.num_nodes > 1 else "auto"
+    store = embed_shards(args.shards, args.out, args.encoder.validate(), args.batch_size,
+                         args.num_workers, args.dtype,
+                         trainer_kwargs={"devices": devices, "num_nodes": args.num_nodes,
+                                         "strategy": strategy})
+    print(f"embedded {len(store):,} samples ({store.dim}-d {args.dtype}); skipped: "
+          f"{store.manifest.get('skipped', {})} -> {args.out}")
+    return 0
+
+
 def run_synthetic(args) -> int:
     from .synthetic import PoolSpec, write_pool_store
 
@@ -92,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cfg.command == "prune":
             return run_prune(prune_config(parser, cfg))
+        if cfg.command == "embed":
+            return run_embed(parser.instantiate(cfg).embed)
         if cfg.command == "data" and cfg.data.kind == "synthetic":
             return run_synthetic(cfg.data.synthetic)
     except ValueError as exc:  # bad input: one clear line, no traceback

@@ -67,12 +67,13 @@ class ShardChunks(IterableDataset):
         buf: list[tuple] = []
         for sample in iter_shard(shard, counts):
             counts["read"] += 1
-            image = decode_image(sample) if self.transform else None
-            caption = decode_caption(sample)
-            if self.transform and image is None:
+            # a pair is only usable for CLIP training with both halves, whatever the encoder
+            # embeds, so the store and the training stream hold the same samples
+            image, caption = decode_image(sample), decode_caption(sample)
+            if image is None:
                 counts["undecodable_image"] += 1
                 continue
-            if self.tokenize and caption is None:
+            if caption is None:
                 counts["no_caption"] += 1
                 continue
             meta = sample.get("json")

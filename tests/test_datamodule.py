@@ -1,0 +1,116 @@
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+
+from dbp_lightning.config import PruneConfig, SelectConfig, SemDeDupConfig
+from dbp_lightning.datamodule import DBPDataModule
+from dbp_lightning.encoders import EncoderConfig
+from tiny_clip import TinyCLIP
+from wds_util import write_shards
+
+ENCODER = EncoderConfig(kind="open_clip", model="tiny-clip", modality="image")
+PRUNE = PruneConfig(stages=["random"], select=SelectConfig(target_fraction=0.6))
+
+
+def make_dm(tmp_path, prune=PRUNE, encoder=ENCODER, **kwargs):
+    return DBPDataModule(str(tmp_path / "wds"), cache_dir=str(tmp_path / "cache"), encoder=encoder,
+                         prune=prune, batch_size=kwargs.pop("batch_size", 4),
+                         num_workers=kwargs.pop("num_workers", 2), embed_batch_size=8, **kwargs)
+
+
+def kept_ids(dm):
+    sel = dm.selection
+    return set(np.asarray(sel.column("uid").to_pylist())[sel.column("kept").to_numpy(zero_copy_only=False)])
+
+
+@pytest.mark.parametrize("encoder", [ENCODER, EncoderConfig(kind="sentence_transformers", model="minilm",
+                                                             modality="text")], ids=["open_clip", "minilm"])
+def test_streams_exactly_the_selection_once_with_two_workers(tmp_path, encoder):
+    write_shards(tmp_path / "wds", n_shards=4, per_shard=12, corrupt={5}, no_caption={30})
+    prune = PruneConfig(stages=["semdedup", "dbp"], semdedup=SemDeDupConfig(k=4, target_fraction=0.9),
+                        select=SelectConfig(target_fraction=0.5, k=6, num_neighbors=3))
+    dm = make_dm(tmp_path, prune=prune, encoder=encoder)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.report["kept"] == len(kept_ids(dm)) > 0
+    seen = [i for batch in dm.train_dataloader() for i in batch[2]]
+    assert len(seen) == len(set(seen)) and set(seen) == kept_ids(dm)
+    seen_again = [i for batch in dm.train_dataloader() for i in batch[2]]
+    assert sorted(seen_again) == sorted(seen)  # the next epoch is the same set again
+
+
+def test_cache_is_reused_and_keyed_by_config(tmp_path):
+    write_shards(tmp_path / "wds", n_shards=2, per_shard=10)
+    dm = make_dm(tmp_path)
+    dm.prepare_data()
+    store_manifest = dm.store_dir / "manifest.json"
+    stamp = store_manifest.stat().st_mtime_ns
+    again = make_dm(tmp_path)
+    again.prepare_data()
+    assert store_manifest.stat().st_mtime_ns == stamp and again.prune_dir == dm.prune_dir
+    other = make_dm(tmp_path, prune=PruneConfig(stages=["random"], select=SelectConfig(target_fraction=0.3)))
+    assert other.store_dir == dm.store_dir and other.prune_dir != dm.prune_dir
+
+
+def test_trainer_fit_on_the_pruned_stream(tmp_path):
+    write_shards(tmp_path / "wds", n_shards=2, per_shard=16)
+    dm = make_dm(tmp_path, batch_size=4, num_workers=0)
+    model = TinyCLIP()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(model, datamodule=dm)
+    assert set(model.seen) == kept_ids(dm) and len(model.seen) == len(kept_ids(dm))
+    assert np.isfinite(trainer.callback_metrics["loss"].item())
+
+
+DDP_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import lightning as L
+from dbp_lightning.config import PruneConfig, SelectConfig
+from dbp_lightning.datamodule import DBPDataModule
+from dbp_lightning.encoders import EncoderConfig
+from tiny_clip import TinyCLIP
+
+dm = DBPDataModule({wds!r}, cache_dir={cache!r},
+                   encoder=EncoderConfig(kind="open_clip", model="tiny-clip"),
+                   prune=PruneConfig(stages={stages!r}, select=SelectConfig(target_fraction=0.5)),
+                   batch_size=3, num_workers=2, embed_batch_size=8)
+model = TinyCLIP()
+trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False)
+trainer.fit(model, datamodule=dm)
+with open({out!r} + f"/rank{{trainer.global_rank}}.json", "w") as f:
+    json.dump({{"seen": model.seen, "batches": model.batches}}, f)
+"""
+
+
+@pytest.mark.parametrize("stages", [[], ["random"]], ids=["keep-all", "random-half"])
+def test_two_ddp_ranks_split_the_selection(tmp_path, stages):
+    write_shards(tmp_path / "wds", n_shards=4, per_shard=12)
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(
+        tests=str(Path(__file__).parent), wds=str(tmp_path / "wds"), cache=str(tmp_path / "cache"),
+        out=str(tmp_path), stages=stages)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    dm = make_dm(tmp_path, prune=PruneConfig(stages=stages, select=SelectConfig(target_fraction=0.5)),
+                 batch_size=3)
+    dm.setup("fit")
+    seen = ranks[0]["seen"] + ranks[1]["seen"]
+    assert len(seen) == len(set(seen)) and set(seen) <= kept_ids(dm)  # never twice, only kept
+    # every rank takes the same number of steps, the fewest any rank's shards give
+    per_rank = dm.batches_per_rank(2)
+    assert ranks[0]["batches"] == ranks[1]["batches"] == min(per_rank)
+    if per_rank[0] == per_rank[1]:  # balanced: the whole selection, each sample once
+        assert set(seen) == kept_ids(dm)
+    if not stages:
+        assert per_rank[0] == per_rank[1] and len(seen) == 48
