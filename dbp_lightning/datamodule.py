@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from .config import PruneConfig
+from .data.reshard import reshard
 from .data.shards import decode_caption, decode_image, expand_shards, sample_id, shard_name
 from .encoders import EncoderConfig
 
@@ -64,6 +65,9 @@ class DBPDataModule(L.LightningDataModule):
         drop_uneven: under DDP, end the epoch at the batch count of the rank with the fewest
             (every rank must take the same number of steps); samples beyond it that epoch are
             not seen. Balanced shards (``reshard``-ed or equal) lose nothing.
+        reshard: write the kept samples into new, equally filled shards (in the prune run
+            directory) and stream those instead of filtering the source shards.
+        reshard_size: samples per new shard (default: as many shards as the source).
     """
 
     def __init__(self, shards: str | list[str], cache_dir: str = "runs/cache",
@@ -71,7 +75,7 @@ class DBPDataModule(L.LightningDataModule):
                  image_transform: Optional[Callable] = None, tokenizer: Optional[Callable] = None,
                  batch_size: int = 256, num_workers: int = 4, embed_batch_size: int = 256,
                  embed_dtype: str = "float16", val_shards: Optional[str | list[str]] = None,
-                 drop_uneven: bool = True):
+                 drop_uneven: bool = True, reshard: bool = False, reshard_size: Optional[int] = None):
         super().__init__()
         self.shards = expand_shards(shards)
         self.val_shards = expand_shards(val_shards) if val_shards else None
@@ -84,6 +88,8 @@ class DBPDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.embed_batch_size, self.embed_dtype = embed_batch_size, embed_dtype
         self.drop_uneven = drop_uneven
+        self.reshard, self.reshard_size = reshard, reshard_size
+        self._train_shards: list[str] = self.shards
         self.selection = None
         self.report: dict = {}
         self._kept_ids: set[str] = set()
@@ -117,9 +123,24 @@ class DBPDataModule(L.LightningDataModule):
             emb, metadata, input_id = load_input(config)
             result = prune(emb, config, metadata=metadata, progress=True)
             write_run(result, self.prune_dir, config.to_dict(), input_id)
+        if self.reshard:
+            self._load_selection()
+            reshard(self.shards, self._kept_ids, self.prune_dir / "shards", self.reshard_size)
 
     def setup(self, stage: str | None = None) -> None:
         """Load the selection and the report (every process)."""
+        self._load_selection()
+        if self.reshard:
+            manifest = reshard(self.shards, self._kept_ids, self.prune_dir / "shards", self.reshard_size)
+            self._train_shards = [s["path"] for s in manifest["shards"]]
+            self._kept_per_shard = {shard_name(s["path"]): s["rows"] for s in manifest["shards"]}
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if self.image_transform is None:
+            self.image_transform = getattr(module, "preprocess_train", None) or default_image_transform()
+        if self.tokenizer is None:
+            self.tokenizer = getattr(module, "tokenizer", None)
+
+    def _load_selection(self) -> None:
         if not (self.prune_dir / "manifest.json").is_file():
             raise RuntimeError(f"{self.prune_dir}: no complete prune run; prepare_data must run first")
         self.selection = pq.read_table(self.prune_dir / "selection.parquet")
@@ -131,11 +152,6 @@ class DBPDataModule(L.LightningDataModule):
         manifest = json.loads((self.store_dir / "manifest.json").read_text())
         counts = np.add.reduceat(kept, np.cumsum([0] + [s["rows"] for s in manifest["shards"]])[:-1])
         self._kept_per_shard = {s["name"]: int(c) for s, c in zip(manifest["shards"], counts)}
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if self.image_transform is None:
-            self.image_transform = getattr(module, "preprocess_train", None) or default_image_transform()
-        if self.tokenizer is None:
-            self.tokenizer = getattr(module, "tokenizer", None)
 
     # ------------------------------------------------------------------ streams
     def _pipeline(self, shards: list[str], keep: Optional[set]) -> wds.WebDataset:
@@ -159,7 +175,7 @@ class DBPDataModule(L.LightningDataModule):
         workers = max(self.num_workers, 1)
         out = []
         for rank in range(world_size):
-            mine = self.shards[rank::world_size]
+            mine = self._train_shards[rank::world_size]
             out.append(sum(math.ceil(sum(self._kept_per_shard.get(shard_name(s), 0)
                                          for s in mine[w::workers]) / self.batch_size)
                            for w in range(workers)))
@@ -170,9 +186,10 @@ class DBPDataModule(L.LightningDataModule):
         group; shards split by rank, then by worker."""
         world = self.trainer.world_size if self.trainer is not None else 1
         per_rank = self.batches_per_rank(world)
-        if world > len(self.shards):
-            raise ValueError(f"{len(self.shards)} shards cannot feed {world} ranks")
-        loader = wds.WebLoader(self._pipeline(self.shards, self._kept_ids), batch_size=None,
+        if world > len(self._train_shards):
+            raise ValueError(f"{len(self._train_shards)} shards cannot feed {world} ranks")
+        keep = None if self.reshard else self._kept_ids  # resharded tars hold only kept samples
+        loader = wds.WebLoader(self._pipeline(self._train_shards, keep), batch_size=None,
                                num_workers=self.num_workers)
         rank = self.trainer.global_rank if self.trainer is not None else 0
         n = min(per_rank) if self.drop_uneven and world > 1 else per_rank[rank]

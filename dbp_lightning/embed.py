@@ -33,6 +33,20 @@ from .store import FORMAT, VERSION, EmbeddingStore
 DONE = ".done.json"
 
 
+def _json_fields(raw: bytes | None, fields: tuple[str, ...]) -> dict:
+    """Numeric fields of a sample's json (LAION ``similarity``, DataComp
+    ``clip_l14_similarity_score``); None where missing or not a number."""
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError:
+        meta = {}
+    out = {}
+    for f in fields:
+        value = meta.get(f) if isinstance(meta, dict) else None
+        out[f] = float(value) if isinstance(value, (int, float)) else None
+    return out
+
+
 def is_done(out_dir: Path, shard: str) -> bool:
     return (out_dir / f"{shard_name(shard)}{DONE}").is_file()
 
@@ -46,12 +60,13 @@ class ShardChunks(IterableDataset):
     """
 
     def __init__(self, shards: list[str], out_dir: str, encoder: Encoder, chunk_size: int = 256,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, metadata_fields: tuple[str, ...] = ()):
         # rank and world size of the Trainer that embeds, not of torch.distributed: embedding
         # may run single-device inside a DDP job (DBPDataModule.prepare_data)
         self.shards = shards[rank::world_size]
         self.out_dir = Path(out_dir)
         self.chunk_size = chunk_size
+        self.metadata_fields = tuple(metadata_fields)
         self.transform = encoder.image_transform if encoder.needs_image else None
         self.tokenize = encoder.tokenize if encoder.needs_text else None
 
@@ -76,16 +91,17 @@ class ShardChunks(IterableDataset):
             if caption is None:
                 counts["no_caption"] += 1
                 continue
-            meta = sample.get("json")
-            buf.append((sample["__key__"], sample_id(sample), image, caption, meta))
+            buf.append((sample["__key__"], sample_id(sample), image, caption,
+                        _json_fields(sample.get("json"), self.metadata_fields)))
             if len(buf) == self.chunk_size:
                 yield self._chunk(shard, buf, last=False, counts=None)
                 buf = []
         yield self._chunk(shard, buf, last=True, counts=dict(counts))
 
     def _chunk(self, shard, buf, last, counts) -> dict:
-        keys, uids, images, captions, _ = zip(*buf) if buf else ((), (), (), (), ())
+        keys, uids, images, captions, fields = zip(*buf) if buf else ((), (), (), (), ())
         return {"shard": shard_name(shard), "last": last, "keys": list(keys), "uids": list(uids),
+                "fields": {f: [row[f] for row in fields] for f in self.metadata_fields},
                 "images": torch.stack([self.transform(i) for i in images]) if self.transform and buf else None,
                 "texts": self.tokenize(list(captions)) if self.tokenize and buf else None,
                 "counts": counts}
@@ -131,6 +147,8 @@ class ShardWriter(BasePredictionWriter):
         columns = {"key": sum((c["keys"] for c in chunks), []), "uid": sum((c["uids"] for c in chunks), [])}
         if chunks[0]["clip_score"] is not None:
             columns["clip_score"] = np.concatenate([c["clip_score"] for c in chunks]).astype(np.float32)
+        for field in chunks[0]["fields"]:
+            columns[field] = pa.array(sum((c["fields"][field] for c in chunks), []), pa.float32())
         write_npy(self.out_dir / f"{name}.npy", emb)
         write_parquet(self.out_dir / f"{name}.parquet", pa.table(columns))
         counts = {k: int(v) for k, v in (chunks[-1]["counts"] or {}).items()}
@@ -145,7 +163,7 @@ class ShardWriter(BasePredictionWriter):
 
 def write_manifest(out_dir: Path, shards: list[str], dtype: str, info: dict) -> None:
     """Check every shard is done and keys are unique across shards; write ``manifest.json``."""
-    entries, seen, skipped = [], {}, Counter()
+    entries, empty, seen, skipped = [], [], {}, Counter()
     dim = None
     for shard in shards:
         name = shard_name(shard)
@@ -155,24 +173,31 @@ def write_manifest(out_dir: Path, shards: list[str], dtype: str, info: dict) -> 
         meta = json.loads(done.read_text())
         skipped.update(meta["counts"])
         if meta["rows"] == 0:
-            continue  # an empty shard: counted, stored nowhere
+            empty.append({"name": name, "skipped": meta["counts"]})  # no files to list
+            continue
         arr = np.load(out_dir / f"{name}.npy", mmap_mode="r")
         dim = arr.shape[1]
         for key in pq.read_table(out_dir / f"{name}.parquet", columns=["uid"]).column("uid").to_pylist():
             if key in seen:
                 raise ValueError(f"sample {key!r} occurs in shard {seen[key]} and in shard {shard}")
             seen[key] = shard
-        entries.append({"name": name, "rows": int(meta["rows"])})
+        entries.append({"name": name, "rows": int(meta["rows"]), "skipped": meta["counts"]})
     if dim is None:
         raise ValueError("no shard had a usable sample: nothing to embed")
     write_json(out_dir / "manifest.json", {"format": FORMAT, "version": VERSION, "dim": int(dim),
                                            "dtype": dtype, "shards": entries,
-                                           "skipped": dict(skipped), **info})
+                                           "empty_shards": empty, "skipped": dict(skipped),
+                                           **info})
+
+
+#: json fields copied into the store's parquet when asked (the CLIP scores LAION and DataComp ship)
+SCORE_FIELDS = ("similarity", "clip_l14_similarity_score")
 
 
 def embed_shards(shards: str | list[str], out_dir: str, encoder: EncoderConfig,
                  batch_size: int = 256, num_workers: int = 2, dtype: str = "float16",
-                 trainer_kwargs: dict | None = None) -> EmbeddingStore:
+                 trainer_kwargs: dict | None = None,
+                 metadata_fields: tuple[str, ...] = SCORE_FIELDS) -> EmbeddingStore:
     """Embed ``shards`` into an embedding store at ``out_dir`` (resuming a killed run).
 
     Args:
@@ -184,6 +209,8 @@ def embed_shards(shards: str | list[str], out_dir: str, encoder: EncoderConfig,
         dtype: "float16" (half the disk of float32) or "float32".
         trainer_kwargs: passed to ``lightning.Trainer`` (accelerator, devices, strategy,
             num_nodes, precision); default: one device, bf16 autocast on GPU.
+        metadata_fields: numeric fields of each sample's json to keep as float32 columns (null
+            where absent), e.g. a CLIP score for the ``clip_score`` stage to read.
     """
     paths = expand_shards(shards)
     out = Path(out_dir)
@@ -194,10 +221,11 @@ def embed_shards(shards: str | list[str], out_dir: str, encoder: EncoderConfig,
               "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"}
     kwargs.update(trainer_kwargs or {})
     trainer = L.Trainer(use_distributed_sampler=False, **kwargs)
-    info = {"encoder": vars(encoder), "source_shards": paths}
+    info = {"encoder": vars(encoder), "source_shards": paths, "metadata_fields": list(metadata_fields)}
     writer = ShardWriter(str(out), paths, dtype, info)
     trainer.callbacks.append(writer)
-    dataset = ShardChunks(paths, str(out), model, batch_size, trainer.global_rank, trainer.world_size)
+    dataset = ShardChunks(paths, str(out), model, batch_size, trainer.global_rank, trainer.world_size,
+                          metadata_fields)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
                         persistent_workers=False)
     trainer.predict(EmbedModule(model), loader, return_predictions=False)

@@ -114,3 +114,16 @@ def test_two_ddp_ranks_split_the_selection(tmp_path, stages):
         assert set(seen) == kept_ids(dm)
     if not stages:
         assert per_rank[0] == per_rank[1] and len(seen) == 48
+
+
+def test_reshard_streams_the_same_samples_from_balanced_shards(tmp_path):
+    write_shards(tmp_path / "wds", n_shards=3, per_shard=10, corrupt={4})
+    dm = make_dm(tmp_path, reshard=True, num_workers=2)
+    dm.prepare_data()
+    dm.setup("fit")
+    manifest = json.loads((dm.prune_dir / "shards" / "reshard.json").read_text())
+    rows = [s["rows"] for s in manifest["shards"]]
+    assert len(rows) == 3 and sum(rows) == len(kept_ids(dm))
+    assert all(r == manifest["samples_per_shard"] for r in rows[:-1]) and rows[-1] <= rows[0]
+    seen = [i for batch in dm.train_dataloader() for i in batch[2]]
+    assert len(seen) == len(set(seen)) and set(seen) == kept_ids(dm)

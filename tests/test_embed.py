@@ -30,6 +30,10 @@ def test_embed_open_clip_counts_bad_samples_and_writes_a_store(tmp_path):
     x = store.embeddings[:]
     assert x.shape == (27, 64)
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    expected_similarity = [round(0.2 + (i % 10) / 50, 2) for i in range(30) if i not in {4, 21, 13}]
+    np.testing.assert_allclose(meta.column("similarity").to_numpy(), expected_similarity, atol=1e-6)
+    assert store.manifest["shards"][0]["skipped"] == {"read": 10, "undecodable_image": 1}
+    assert store.manifest["empty_shards"] == [{"name": "shard-00003", "skipped": {}}]
     scores = meta.column("clip_score").to_numpy()
     assert np.all(np.abs(scores) <= 1.0) and np.unique(scores).size > 1
 

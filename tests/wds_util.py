@@ -53,7 +53,7 @@ def uid(i: int) -> str:
 
 def write_sample(sink, i: int, corrupt: bool = False, caption: bool = True) -> None:
     sample = {"__key__": f"{i:06d}",
-              "json": json.dumps({"uid": uid(i), "caption_source": "test"}).encode()}
+              "json": json.dumps({"uid": uid(i), "similarity": round(0.2 + (i % 10) / 50, 2)}).encode()}
     ext = "png" if i % 3 == 0 else "jpg"
     sample[ext] = b"not an image" if corrupt else image_bytes(i, "PNG" if ext == "png" else "JPEG")
     if caption:

@@ -28,7 +28,7 @@ def clip_score_filter(scores: np.ndarray, threshold: float | None = None,
         raise ValueError("give exactly one of threshold and fraction")
     bad = ~np.isfinite(scores)
     if bad.any():
-        raise ValueError(f"{int(bad.sum())} CLIP scores are NaN or inf (first at row "
+        raise ValueError(f"{int(bad.sum())} CLIP scores are missing, NaN or inf (first at row "
                          f"{int(np.argmax(bad))}); score or drop those samples first")
     if threshold is not None:
         return scores >= threshold

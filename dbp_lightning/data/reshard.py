@@ -1,0 +1,61 @@
+"""Write the kept samples of source shards into new, equally sized WebDataset shards."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import webdataset as wds
+
+from ..atomic import atomic_path, write_json
+from .shards import iter_shard, sample_id
+
+MANIFEST = "reshard.json"
+
+
+def reshard(shards: list[str], keep: set[str], out_dir: str | os.PathLike,
+            samples_per_shard: int | None = None) -> dict:
+    """Copy the samples whose identity is in ``keep``, in source order, into
+    ``out_dir/pruned-NNNNN.tar`` with ``samples_per_shard`` each (default: as many shards as the
+    source, equally filled). Each tar is written atomically, ``reshard.json`` last; a complete
+    ``out_dir`` is returned as it is.
+
+    Returns:
+        the manifest: {"shards": [{"path", "rows"}], "samples": n}.
+    """
+    out = Path(out_dir)
+    if (out / MANIFEST).is_file():
+        return json.loads((out / MANIFEST).read_text())
+    size = samples_per_shard or max(1, math.ceil(len(keep) / max(len(shards), 1)))
+    out.mkdir(parents=True, exist_ok=True)
+    written, rows, sink, tmp_ctx, counts = [], 0, None, None, Counter()
+
+    def close():
+        nonlocal sink, tmp_ctx
+        if sink is not None:
+            sink.close()
+            tmp_ctx.__exit__(None, None, None)  # renames the finished tar into place
+            written[-1]["rows"] = rows
+            sink = tmp_ctx = None
+
+    for shard in shards:
+        for sample in iter_shard(shard, counts):
+            if sample_id(sample) not in keep:
+                continue
+            if sink is None or rows == size:
+                close()
+                path = out / f"pruned-{len(written):05d}.tar"
+                tmp_ctx = atomic_path(path)
+                sink = wds.TarWriter(str(tmp_ctx.__enter__()))
+                written.append({"path": str(path), "rows": 0})
+                rows = 0
+            sink.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
+            rows += 1
+    close()
+    manifest = {"shards": written, "samples": sum(s["rows"] for s in written),
+                "samples_per_shard": size}
+    write_json(out / MANIFEST, manifest)
+    return manifest
