@@ -121,3 +121,30 @@ def test_efficientnet_lite0_through_the_cli(tmp_path, capsys):
     assert np.all(np.abs(np.diag(sims) - 1) < 2e-3) and sims[np.triu_indices(9, 1)].max() < 0.999
     assert main(argv[:-4] + ["--encoder.modality", "text"]) == 2  # an image model has no text tower
     assert "not available for kind 'efficientnet_lite0'" in capsys.readouterr().err
+
+
+DDP_EMBED = """
+import sys
+from dbp_lightning.embed import embed_shards
+from dbp_lightning.encoders import EncoderConfig
+embed_shards(sys.argv[1], sys.argv[2], EncoderConfig(kind="open_clip", model="tiny-clip"), batch_size=4,
+             num_workers=1, dtype="float32",
+             trainer_kwargs={"accelerator": "cpu", "devices": 2, "strategy": "ddp"})
+"""
+
+
+def test_two_ddp_ranks_embed_the_same_store_as_one_process(tmp_path):
+    write_shards(tmp_path / "wds", n_shards=5, per_shard=6, corrupt={8})
+    script = tmp_path / "ddp_embed.py"
+    script.write_text(DDP_EMBED)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "wds"), str(tmp_path / "ddp")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = embed_shards(str(tmp_path / "wds"), str(tmp_path / "one"), TINY, batch_size=4, num_workers=0,
+                       dtype="float32")
+    from dbp_lightning.store import EmbeddingStore
+
+    two = EmbeddingStore(tmp_path / "ddp")
+    assert two.manifest["shards"] == one.manifest["shards"] and len(two) == 29
+    np.testing.assert_allclose(two.embeddings[:], one.embeddings[:], atol=1e-6)
+    assert two.metadata().column("uid").equals(one.metadata().column("uid"))
