@@ -117,7 +117,7 @@ class DBPDataModule(L.LightningDataModule):
         if not (self.store_dir / "manifest.json").is_file():
             embed_shards(self.shards, str(self.store_dir), self.encoder, self.embed_batch_size,
                          min(self.num_workers, 2), self.embed_dtype,
-                         trainer_kwargs={"devices": 1, "enable_progress_bar": True})
+                         trainer_kwargs={"devices": 1})
         if not (self.prune_dir / "manifest.json").is_file():
             config = dataclasses.replace(self.prune_config, input=str(self.store_dir), output=str(self.prune_dir))
             emb, metadata, input_id = load_input(config)

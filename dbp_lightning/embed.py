@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -133,9 +134,19 @@ class ShardWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.out_dir, self.shards, self.dtype, self.info = Path(out_dir), shards, dtype, info
         self.pending: dict[str, list[dict]] = {}
+        self.bar = None
+
+    def on_predict_start(self, trainer, pl_module):
+        from tqdm.auto import tqdm
+
+        # samples/s of this rank (Lightning's own bar would count chunks)
+        self.bar = tqdm(desc=f"embed (rank {trainer.global_rank})", unit="sample",
+                        disable=not trainer.is_global_zero)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0):
+        if self.bar is not None:
+            self.bar.update(len(prediction["keys"]))
         chunks = self.pending.setdefault(prediction["shard"], [])
         chunks.append(prediction)
         if prediction["last"]:
@@ -155,6 +166,8 @@ class ShardWriter(BasePredictionWriter):
         write_json(self.out_dir / f"{name}{DONE}", {"rows": len(emb), "counts": counts})
 
     def on_predict_end(self, trainer, pl_module):
+        if self.bar is not None:
+            self.bar.close()
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             write_manifest(self.out_dir, self.shards, self.dtype, self.info)
@@ -217,7 +230,7 @@ def embed_shards(shards: str | list[str], out_dir: str, encoder: EncoderConfig,
     out.mkdir(parents=True, exist_ok=True)
     model = build_encoder(encoder)
     kwargs = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
-              "enable_model_summary": False,
+              "enable_model_summary": False, "enable_progress_bar": False,
               "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"}
     kwargs.update(trainer_kwargs or {})
     trainer = L.Trainer(use_distributed_sampler=False, **kwargs)
@@ -228,5 +241,8 @@ def embed_shards(shards: str | list[str], out_dir: str, encoder: EncoderConfig,
                           metadata_fields)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
                         persistent_workers=False)
-    trainer.predict(EmbedModule(model), loader, return_predictions=False)
+    with warnings.catch_warnings():
+        # chunks carry their own identity; Lightning cannot and need not infer batch indices
+        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+        trainer.predict(EmbedModule(model), loader, return_predictions=False)
     return EmbeddingStore(out)
