@@ -13,7 +13,9 @@ complete and reused; a killed run resumes shard by shard.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -29,6 +31,18 @@ from .config import PruneConfig
 from .data.reshard import reshard
 from .data.shards import decode_caption, decode_image, expand_shards, sample_id, shard_name
 from .encoders import EncoderConfig
+
+
+def _every_nth(src, start: int, step: int):
+    """webdataset node splitter: shards start, start + step, ... (picklable for workers)."""
+    return itertools.islice(src, start, None, step)
+
+
+def _file_stamp(path: Optional[str]):
+    """(path, bytes, mtime_ns) of a weights or config file, so replacing it invalidates the cache."""
+    if path and os.path.exists(path):
+        return (path, os.path.getsize(path), os.stat(path).st_mtime_ns)
+    return path
 
 
 def _digest(obj: Any) -> str:
@@ -62,12 +76,14 @@ class DBPDataModule(L.LightningDataModule):
         embed_batch_size: samples per embedding step.
         embed_dtype: "float16" or "float32" for the store.
         val_shards: optional held-out shards, streamed unpruned by ``val_dataloader``.
-        drop_uneven: under DDP, end the epoch at the batch count of the rank with the fewest
-            (every rank must take the same number of steps); samples beyond it that epoch are
-            not seen. Balanced shards (``reshard``-ed or equal) lose nothing.
         reshard: write the kept samples into new, equally filled shards (in the prune run
-            directory) and stream those instead of filtering the source shards.
-        reshard_size: samples per new shard (default: as many shards as the source).
+            directory), as many as a multiple of ranks x workers, and stream those instead of
+            filtering the source shards: under DDP nothing is then left out of an epoch.
+
+    Under DDP every rank must take the same number of steps with full batches (the contrastive
+    loss gathers equal-sized batches from all ranks), so an epoch ends at the fewest full
+    batches any rank's shards give; samples beyond that are not seen in that epoch. Balanced
+    shards (``reshard``) lose at most a batch per worker.
     """
 
     def __init__(self, shards: str | list[str], cache_dir: str = "runs/cache",
@@ -75,7 +91,7 @@ class DBPDataModule(L.LightningDataModule):
                  image_transform: Optional[Callable] = None, tokenizer: Optional[Callable] = None,
                  batch_size: int = 256, num_workers: int = 4, embed_batch_size: int = 256,
                  embed_dtype: str = "float16", val_shards: Optional[str | list[str]] = None,
-                 drop_uneven: bool = True, reshard: bool = False, reshard_size: Optional[int] = None):
+                 reshard: bool = False):
         super().__init__()
         self.shards = expand_shards(shards)
         self.val_shards = expand_shards(val_shards) if val_shards else None
@@ -87,8 +103,7 @@ class DBPDataModule(L.LightningDataModule):
         self.image_transform, self.tokenizer = image_transform, tokenizer
         self.batch_size, self.num_workers = batch_size, num_workers
         self.embed_batch_size, self.embed_dtype = embed_batch_size, embed_dtype
-        self.drop_uneven = drop_uneven
-        self.reshard, self.reshard_size = reshard, reshard_size
+        self.reshard = reshard
         self._train_shards: list[str] = self.shards
         self.selection = None
         self.report: dict = {}
@@ -98,14 +113,32 @@ class DBPDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ cache paths
     @property
     def store_dir(self) -> Path:
+        from .rundir import versions
+
         key = _digest({"shards": shards_fingerprint(self.shards), "encoder": vars(self.encoder),
-                       "dtype": self.embed_dtype})
+                       "files": [_file_stamp(self.encoder.checkpoint), _file_stamp(self.encoder.model)],
+                       "dtype": self.embed_dtype, "versions": versions()})
         return self.cache_dir / f"embeddings-{key}"
 
     @property
     def prune_dir(self) -> Path:
         config = dataclasses.replace(self.prune_config, input="-", output="-").to_dict()
         return self.cache_dir / f"prune-{_digest({'store': self.store_dir.name, 'prune': config})}"
+
+    def _world(self) -> tuple[int, int]:
+        """(rank, world size) of the Trainer this module feeds; (0, 1) without one."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _reshard_count(self) -> int:
+        """New shards: the source's count rounded up to a multiple of ranks x workers."""
+        unit = self._world()[1] * max(self.num_workers, 1)
+        return unit * math.ceil(len(self.shards) / unit)
+
+    @property
+    def reshard_dir(self) -> Path:
+        return self.prune_dir / f"shards-{self._reshard_count()}"
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
@@ -125,13 +158,13 @@ class DBPDataModule(L.LightningDataModule):
             write_run(result, self.prune_dir, config.to_dict(), input_id)
         if self.reshard:
             self._load_selection()
-            reshard(self.shards, self._kept_ids, self.prune_dir / "shards", self.reshard_size)
+            reshard(self.shards, self._kept_ids, self.reshard_dir, self._reshard_count())
 
     def setup(self, stage: str | None = None) -> None:
         """Load the selection and the report (every process)."""
         self._load_selection()
         if self.reshard:
-            manifest = reshard(self.shards, self._kept_ids, self.prune_dir / "shards", self.reshard_size)
+            manifest = reshard(self.shards, self._kept_ids, self.reshard_dir, self._reshard_count())
             self._train_shards = [s["path"] for s in manifest["shards"]]
             self._kept_per_shard = {shard_name(s["path"]): s["rows"] for s in manifest["shards"]}
         module = self.trainer.lightning_module if self.trainer is not None else None
@@ -155,13 +188,16 @@ class DBPDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ streams
     def _pipeline(self, shards: list[str], keep: Optional[set]) -> wds.WebDataset:
-        ds = wds.WebDataset(shards, shardshuffle=False, nodesplitter=wds.split_by_node,
+        rank, world = self._world()
+        # split by the Trainer's rank, not webdataset's guess from RANK / torch.distributed
+        ds = wds.WebDataset(shards, shardshuffle=False,
+                            nodesplitter=functools.partial(_every_nth, start=rank, step=world),
                             workersplitter=wds.split_by_worker, empty_check=False,
                             handler=wds.warn_and_continue)
         if keep is not None:
             ds = ds.select(lambda s: sample_id(s) in keep)
         return (ds.map(self._to_example).select(lambda e: e is not None)
-                  .batched(self.batch_size, partial=True))
+                  .batched(self.batch_size, partial=world == 1))
 
     def _to_example(self, sample: dict):
         image, caption = decode_image(sample), decode_caption(sample)
@@ -171,28 +207,33 @@ class DBPDataModule(L.LightningDataModule):
         return self.image_transform(image), text, sample_id(sample)
 
     def batches_per_rank(self, world_size: int) -> list[int]:
-        """Batches each rank's workers produce from the selection (split as webdataset does)."""
+        """Batches each rank's workers produce from the selection, split as the stream splits
+        shards (by rank, then by worker); full batches only under DDP."""
         workers = max(self.num_workers, 1)
+        per_batch = (lambda n: math.ceil(n / self.batch_size)) if world_size == 1 else (
+            lambda n: n // self.batch_size)
         out = []
         for rank in range(world_size):
             mine = self._train_shards[rank::world_size]
-            out.append(sum(math.ceil(sum(self._kept_per_shard.get(shard_name(s), 0)
-                                         for s in mine[w::workers]) / self.batch_size)
+            out.append(sum(per_batch(sum(self._kept_per_shard.get(shard_name(s), 0)
+                                         for s in mine[w::workers]))
                            for w in range(workers)))
         return out
 
     def train_dataloader(self):
         """(images, texts, ids) batches of the kept samples, each once per epoch per process
         group; shards split by rank, then by worker."""
-        world = self.trainer.world_size if self.trainer is not None else 1
+        rank, world = self._world()
         per_rank = self.batches_per_rank(world)
         if world > len(self._train_shards):
             raise ValueError(f"{len(self._train_shards)} shards cannot feed {world} ranks")
         keep = None if self.reshard else self._kept_ids  # resharded tars hold only kept samples
         loader = wds.WebLoader(self._pipeline(self._train_shards, keep), batch_size=None,
                                num_workers=self.num_workers)
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        n = min(per_rank) if self.drop_uneven and world > 1 else per_rank[rank]
+        n = min(per_rank)  # every rank the same number of steps
+        if n == 0:
+            raise ValueError(f"rank {per_rank.index(0)} gets no full batch of {self.batch_size}: "
+                             "use a smaller batch_size, fewer workers, or reshard=True")
         return loader.with_epoch(n).with_length(n)
 
     def val_dataloader(self):

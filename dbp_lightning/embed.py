@@ -154,10 +154,11 @@ class ShardWriter(BasePredictionWriter):
 
     def _write_shard(self, chunks: list[dict]) -> None:
         name = chunks[0]["shard"]
-        emb = np.concatenate([c["embeddings"] for c in chunks]).astype(self.dtype)
+        emb = np.concatenate([c["embeddings"] for c in chunks if len(c["keys"])] or
+                             [chunks[0]["embeddings"]]).astype(self.dtype)
         columns = {"key": sum((c["keys"] for c in chunks), []), "uid": sum((c["uids"] for c in chunks), [])}
         if chunks[0]["clip_score"] is not None:
-            columns["clip_score"] = np.concatenate([c["clip_score"] for c in chunks]).astype(np.float32)
+            columns["clip_score"] = np.concatenate([c["clip_score"] for c in chunks]).astype(np.float32)[: len(emb)]
         for field in chunks[0]["fields"]:
             columns[field] = pa.array(sum((c["fields"][field] for c in chunks), []), pa.float32())
         write_npy(self.out_dir / f"{name}.npy", emb)
@@ -169,9 +170,15 @@ class ShardWriter(BasePredictionWriter):
         if self.bar is not None:
             self.bar.close()
         trainer.strategy.barrier()
+        error = None
         if trainer.is_global_zero:
-            write_manifest(self.out_dir, self.shards, self.dtype, self.info)
-        trainer.strategy.barrier()
+            try:
+                write_manifest(self.out_dir, self.shards, self.dtype, self.info)
+            except (ValueError, RuntimeError) as exc:
+                error = str(exc)
+        error = trainer.strategy.broadcast(error, src=0)  # every rank fails, none waits forever
+        if error:
+            raise ValueError(error)
 
 
 def write_manifest(out_dir: Path, shards: list[str], dtype: str, info: dict) -> None:
@@ -228,6 +235,13 @@ def embed_shards(shards: str | list[str], out_dir: str, encoder: EncoderConfig,
     paths = expand_shards(shards)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"encoder": vars(encoder.validate()), "dtype": dtype,
+                "metadata_fields": list(metadata_fields)}
+    settings_path = out / "embed.json"
+    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
+        raise ValueError(f"{out}: holds shards embedded with other settings "
+                         f"({settings_path.read_text().strip()}); use another directory")
+    write_json(settings_path, settings)
     model = build_encoder(encoder)
     kwargs = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
               "enable_model_summary": False, "enable_progress_bar": False,

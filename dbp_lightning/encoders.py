@@ -133,9 +133,9 @@ def _open_clip(config: EncoderConfig) -> Encoder:
         torch.manual_seed(0)  # random weights (no checkpoint) are the same in every process
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=config.checkpoint)
     tokenizer = open_clip.get_tokenizer(name)
-    width = model.text_projection.shape[1] if hasattr(model, "text_projection") and model.text_projection is not None else None
-    with torch.no_grad():
-        width = width or model.encode_text(tokenizer(["x"])).shape[-1]
+    model.eval()
+    with torch.no_grad():  # measured: projections differ across CLIP, SigLIP, CoCa ...
+        width = model.encode_text(tokenizer(["x"])).shape[-1]
     dim = 2 * width if config.modality == "both" else width
     return Encoder(config.modality, dim, preprocess, tokenizer, model.encode_image, model.encode_text,
                    model, scores=True)
@@ -200,4 +200,7 @@ def _timm(config: EncoderConfig) -> Encoder:
                              f"{config.model} are missing (first: {missing[0]})")
     data_config = timm.data.resolve_data_config({}, model=model)
     transform = timm.data.create_transform(**data_config)
-    return Encoder("image", model.num_features, transform, None, model, None, model)
+    model.eval()
+    with torch.no_grad():  # num_features is not always the pooled output's width
+        width = model(torch.zeros(1, *data_config["input_size"])).shape[-1]
+    return Encoder("image", width, transform, None, model, None, model)

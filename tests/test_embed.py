@@ -148,3 +148,30 @@ def test_two_ddp_ranks_embed_the_same_store_as_one_process(tmp_path):
     assert two.manifest["shards"] == one.manifest["shards"] and len(two) == 29
     np.testing.assert_allclose(two.embeddings[:], one.embeddings[:], atol=1e-6)
     assert two.metadata().column("uid").equals(one.metadata().column("uid"))
+
+
+@pytest.mark.parametrize("cut", [0, 700, 2048, -1536])
+def test_truncated_tar_is_counted_not_fatal(tmp_path, cut):
+    from collections import Counter
+
+    from dbp_lightning.data.shards import iter_shard
+
+    write_shards(tmp_path / "wds", n_shards=2, per_shard=6)
+    path = tmp_path / "wds" / "shard-00001.tar"
+    data = path.read_bytes()
+    path.write_bytes(data[:cut] if cut >= 0 else data[:cut])
+    errors = Counter()
+    samples = list(iter_shard(str(path), errors))
+    assert errors["truncated"] == 1 and len(samples) < 6
+    assert all("txt" in s and ("jpg" in s or "png" in s) for s in samples)  # only whole samples
+    store = embed_shards(str(tmp_path / "wds"), str(tmp_path / f"emb{cut}"), TINY, batch_size=4,
+                         num_workers=0)
+    assert store.manifest["skipped"]["truncated"] == 1 and 6 <= len(store) < 12
+
+
+def test_resume_refuses_a_directory_embedded_with_other_settings(tmp_path):
+    write_shards(tmp_path / "wds", n_shards=1, per_shard=4)
+    embed_shards(str(tmp_path / "wds"), str(tmp_path / "emb"), TINY, batch_size=4, num_workers=0)
+    with pytest.raises(ValueError, match="other settings"):
+        embed_shards(str(tmp_path / "wds"), str(tmp_path / "emb"), TINY, batch_size=4, num_workers=0,
+                     dtype="float32")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -16,12 +15,10 @@ from .shards import iter_shard, sample_id
 MANIFEST = "reshard.json"
 
 
-def reshard(shards: list[str], keep: set[str], out_dir: str | os.PathLike,
-            samples_per_shard: int | None = None) -> dict:
-    """Copy the samples whose identity is in ``keep``, in source order, into
-    ``out_dir/pruned-NNNNN.tar`` with ``samples_per_shard`` each (default: as many shards as the
-    source, equally filled). Each tar is written atomically, ``reshard.json`` last; a complete
-    ``out_dir`` is returned as it is.
+def reshard(shards: list[str], keep: set[str], out_dir: str | os.PathLike, n_shards: int) -> dict:
+    """Copy the samples whose identity is in ``keep``, in source order, into ``n_shards`` tars
+    ``out_dir/pruned-NNNNN.tar``, filled equally (sizes differ by at most one). Each tar is written
+    atomically, ``reshard.json`` last; a complete ``out_dir`` is returned as it is.
 
     Returns:
         the manifest: {"shards": [{"path", "rows"}], "samples": n}.
@@ -29,7 +26,8 @@ def reshard(shards: list[str], keep: set[str], out_dir: str | os.PathLike,
     out = Path(out_dir)
     if (out / MANIFEST).is_file():
         return json.loads((out / MANIFEST).read_text())
-    size = samples_per_shard or max(1, math.ceil(len(keep) / max(len(shards), 1)))
+    n_shards = max(1, min(n_shards, len(keep)))
+    sizes = [len(keep) // n_shards + (i < len(keep) % n_shards) for i in range(n_shards)]
     out.mkdir(parents=True, exist_ok=True)
     written, rows, sink, tmp_ctx, counts = [], 0, None, None, Counter()
 
@@ -45,7 +43,7 @@ def reshard(shards: list[str], keep: set[str], out_dir: str | os.PathLike,
         for sample in iter_shard(shard, counts):
             if sample_id(sample) not in keep:
                 continue
-            if sink is None or rows == size:
+            if sink is None or rows == sizes[len(written) - 1]:
                 close()
                 path = out / f"pruned-{len(written):05d}.tar"
                 tmp_ctx = atomic_path(path)
@@ -55,7 +53,6 @@ def reshard(shards: list[str], keep: set[str], out_dir: str | os.PathLike,
             sink.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
             rows += 1
     close()
-    manifest = {"shards": written, "samples": sum(s["rows"] for s in written),
-                "samples_per_shard": size}
+    manifest = {"shards": written, "samples": sum(s["rows"] for s in written)}
     write_json(out / MANIFEST, manifest)
     return manifest

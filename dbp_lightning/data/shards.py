@@ -7,6 +7,7 @@ import glob
 import io
 import json
 import os
+import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -66,23 +67,49 @@ def sample_id(sample: dict) -> str:
     return sample["__key__"]
 
 
+def has_end_of_archive(path: str) -> bool:
+    """Whether the file ends in the two zero blocks every complete tar ends with; a tar cut at a
+    member boundary reads without error but lacks them."""
+    size = os.path.getsize(path)
+    if size < 1024:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
+
+
 def iter_shard(path: str, errors: Counter) -> Iterator[dict]:
     """Raw samples (``__key__`` and one bytes value per extension) of one tar shard.
 
-    A truncated or corrupt tar ends the shard early: what was read is yielded and
-    ``errors["truncated"]`` is set, instead of failing the run.
+    A truncated or corrupt tar does not stop the run: the samples read before the damage are
+    yielded, except the last one (it may be missing files), ``errors["truncated"]`` is set and
+    ``errors["lost_to_truncation"]`` counts the dropped sample.
     """
+    broken = not has_end_of_archive(path)
+
     def handler(exc: Exception) -> bool:
-        errors["truncated"] = 1
+        nonlocal broken
+        broken = True
         return False  # stop reading this shard
 
+    pending = None
     try:
         with open(path, "rb") as stream:
             files = tariterators.tar_file_iterator(stream, handler=handler)
             files = ({**f, "__url__": path} for f in files)
-            yield from tariterators.group_by_keys(files, handler=handler)
-    except (OSError, EOFError) as exc:  # the tar header itself unreadable
+            for sample in tariterators.group_by_keys(files, handler=handler):
+                if pending is not None:
+                    yield pending
+                pending = sample
+    except (OSError, EOFError, tarfile.TarError, ValueError):  # raised outside webdataset's handler
+        broken = True
+    if broken:
         errors["truncated"] = 1
+        if pending is not None:
+            errors["lost_to_truncation"] += 1
+        return
+    if pending is not None:
+        yield pending
 
 
 def decode_image(sample: dict):
