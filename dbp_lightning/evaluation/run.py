@@ -1,0 +1,127 @@
+"""Zero-shot evaluation through clip_benchmark's own evaluators, on local data only.
+
+Each task's data is read from ``<data_root>/<task.folder>`` in clip_benchmark's WebDataset
+layout; ImageNet-1k can instead come from an ImageFolder, named with open_clip's ImageNet class
+names and OpenAI templates. A task whose data is absent is reported as missing, and a task
+whose metric needs DataComp's own evaluator (WinoGAViL, WILDS worst-group/F1, fairness) as
+unsupported: never as zero, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from .aggregate import aggregate
+from .tasks import Task
+
+SUPPORTED = ("classification", "retrieval")
+
+
+def _device(device: Optional[str]) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def imagenet_folder_loader(folder: str, transform: Callable, batch_size: int, num_workers: int):
+    """An ImageFolder (``val/<wnid>/*.JPEG``, 1,000 sorted class folders) with open_clip's names."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(folder, transform=transform)
+    if len(ds.classes) != len(IMAGENET_CLASSNAMES):
+        raise ValueError(f"imagenet_folder: {folder} has {len(ds.classes)} class folders, not 1000")
+    ds.classes = list(IMAGENET_CLASSNAMES)
+    templates = [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
+    return DataLoader(ds, batch_size=batch_size, num_workers=num_workers), ds.classes, templates
+
+
+def evaluate_task(model, transform: Callable, tokenizer: Callable, task: Task, data_root: Optional[str],
+                  batch_size: int = 64, num_workers: int = 0, device: Optional[str] = None,
+                  imagenet_folder: Optional[str] = None) -> dict:
+    """One task as a DataComp-style result row.
+
+    Args:
+        model: an open_clip model (``encode_image``, ``encode_text``), in eval mode.
+        transform: PIL -> tensor (the model's ``preprocess_val``); tokenizer: list[str] -> ids.
+
+    Returns:
+        ``{"key", "dataset", "status", "metrics"}``; status "ok" with ``metrics["main_metric"]``,
+        or "missing" / "unsupported" with a ``reason`` and no metric.
+    """
+    from clip_benchmark.datasets.builder import build_dataset, image_captions_collate_fn
+    from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
+
+    row = {"key": task.key, "dataset": task.name, "metrics": {}}
+    device = _device(device)
+    folder = Path(data_root or "") / task.folder
+    use_folder = task.key == "imagenet1k" and imagenet_folder and not folder.is_dir()
+    if task.kind not in SUPPORTED:
+        return {**row, "status": "unsupported",
+                "reason": f"{task.main_metric} needs DataComp's {task.kind} evaluator"}
+    if not use_folder and not (folder / "test" / "nshards.txt").is_file():
+        return {**row, "status": "missing", "reason": f"no data at {folder}"}
+    amp = device == "cuda"
+    if use_folder:
+        loader, classnames, templates = imagenet_folder_loader(imagenet_folder, transform, batch_size, num_workers)
+    else:
+        ds = build_dataset(f"wds/{task.key}", root=str(folder), transform=transform, split="test",
+                           download=False, task=f"zeroshot_{task.kind}")
+        if task.kind == "retrieval":
+            loader = DataLoader(ds.batched(batch_size, collation_fn=image_captions_collate_fn),
+                                batch_size=None, num_workers=num_workers)
+        else:
+            loader = DataLoader(ds.batched(batch_size), batch_size=None, num_workers=num_workers)
+        classnames, templates = ds.classes, ds.templates
+    model.eval()
+    if task.kind == "retrieval":
+        metrics = zeroshot_retrieval.evaluate(model, loader, tokenizer, device, amp=amp, recall_k_list=[1, 5, 10])
+        metrics["mean_recall@1"] = 0.5 * (metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"])
+    else:
+        metrics = zeroshot_classification.evaluate(model, loader, tokenizer, classnames, templates, device, amp=amp)
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics["main_metric"] = metrics[task.main_metric]
+    return {**row, "status": "ok", "metrics": metrics}
+
+
+def evaluate_tasks(model, transform, tokenizer, tasks: list[Task], data_root: Optional[str],
+                   out_dir: Optional[str] = None, **kwargs) -> tuple[list[dict], dict]:
+    """All ``tasks``: result rows and DataComp's aggregate (with the available count).
+
+    With ``out_dir``, writes ``eval_results.jsonl`` (one row per task, DataComp's format plus
+    ``status``) and ``eval_summary.json`` there.
+    """
+    rows = [evaluate_task(model, transform, tokenizer, t, data_root, **kwargs) for t in tasks]
+    results = {r["dataset"]: r["metrics"]["main_metric"] for r in rows if r["status"] == "ok"}
+    summary = aggregate(results, requested=tasks)
+    if out_dir:
+        from ..atomic import atomic_path, write_json
+
+        os.makedirs(out_dir, exist_ok=True)
+        with atomic_path(Path(out_dir) / "eval_results.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_json(Path(out_dir) / "eval_summary.json", summary)
+    return rows, summary
+
+
+def format_table(rows: list[dict], summary: dict) -> str:
+    """A markdown table: each task's main metric (or why it has none), then the averages."""
+    lines = ["| task | main metric | value |", "|---|---|---:|"]
+    for r in rows:
+        value = f"{r['metrics']['main_metric']:.4f}" if r["status"] == "ok" else r["status"]
+        lines.append(f"| {r['dataset']} | {_main_metric_name(r)} | {value} |")
+    for group in ("ImageNet", "ImageNet dist. shifts", "VTAB", "Retrieval", "Average"):
+        value = summary.get(group)
+        lines.append(f"| **{group}** | mean | {'-' if value is None else f'{value:.4f}'} |")
+    lines.append(f"| tasks evaluated | | {summary['available']} |")
+    return "\n".join(lines)
+
+
+def _main_metric_name(row: dict) -> str:
+    from .tasks import BY_KEY
+
+    return BY_KEY[row["key"]].main_metric

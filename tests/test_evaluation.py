@@ -1,0 +1,99 @@
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+
+from dbp_lightning.clip_module import CLIPModule
+from dbp_lightning.evaluation import TASKS, aggregate, evaluate_task, evaluate_tasks, read_results, select_tasks
+from dbp_lightning.evaluation.tasks import BY_KEY
+from evalsets import CLASSES, write_classification, write_retrieval
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return CLIPModule("tiny-clip", seed=7)
+
+
+def images_of(folder, module):
+    out = []
+    for path in sorted((folder / "test").glob("*.tar")):
+        for s in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+            raw = next(s[k] for k in ("png", "jpg") if k in s)
+            out.append(module.preprocess_val(Image.open(io.BytesIO(raw)).convert("RGB")))
+    return torch.stack(out)
+
+
+def test_classification_matches_a_hand_computation(tmp_path, clip):
+    task = BY_KEY["cifar10"]
+    labels = write_classification(tmp_path, task.folder)
+    row = evaluate_task(clip.model, clip.preprocess_val, clip.tokenizer, task, str(tmp_path), batch_size=5)
+    assert row["status"] == "ok" and row["metrics"]["main_metric"] == row["metrics"]["acc1"]
+    model = clip.model.eval()
+    with torch.no_grad():
+        weights = []
+        for c in CLASSES:
+            t = F.normalize(model.encode_text(clip.tokenizer([f"a photo of a {c}.", f"a drawing of a {c}."])), dim=-1)
+            weights.append(F.normalize(t.mean(0), dim=0))
+        img = F.normalize(model.encode_image(images_of(tmp_path / task.folder, clip)), dim=-1)
+        pred = (img @ torch.stack(weights, 1)).argmax(1).numpy()
+    labels = np.array(labels)
+    assert row["metrics"]["acc1"] == pytest.approx((pred == labels).mean())
+    recall = np.mean([(pred[labels == c] == c).mean() for c in range(len(CLASSES))])
+    assert row["metrics"]["mean_per_class_recall"] == pytest.approx(recall)
+
+
+def test_retrieval_matches_a_hand_computation(tmp_path, clip):
+    task = BY_KEY["retrieval/flickr30k"]
+    captions = write_retrieval(tmp_path, task.folder)
+    row = evaluate_task(clip.model, clip.preprocess_val, clip.tokenizer, task, str(tmp_path), batch_size=4)
+    model = clip.model.eval()
+    flat = [c for caps in captions for c in caps]
+    owner = np.repeat(np.arange(len(captions)), 2)
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(images_of(tmp_path / task.folder, clip)), dim=-1)
+        txt = F.normalize(model.encode_text(clip.tokenizer(flat)), dim=-1)
+    sims = (txt @ img.T).numpy()
+    text_to_image = (sims.argmax(1) == owner).mean()          # each caption finds its image
+    image_to_text = (owner[sims.argmax(0)] == np.arange(len(captions))).mean()
+    m = row["metrics"]
+    assert m["image_retrieval_recall@1"] == pytest.approx(text_to_image)
+    assert m["text_retrieval_recall@1"] == pytest.approx(image_to_text)
+    assert m["main_metric"] == pytest.approx(0.5 * (text_to_image + image_to_text))
+
+
+def test_missing_and_unsupported_tasks_are_reported_and_counted(tmp_path, clip):
+    write_classification(tmp_path, BY_KEY["cifar10"].folder, n=6, shards=1)
+    tasks = select_tasks("cifar10,mnist,misc/winogavil")
+    rows, summary = evaluate_tasks(clip.model, clip.preprocess_val, clip.tokenizer, tasks, str(tmp_path),
+                                   out_dir=str(tmp_path / "out"), batch_size=4)
+    assert [r["status"] for r in rows] == ["ok", "missing", "unsupported"]
+    assert summary["available"] == "1/3" and summary["missing"] == ["MNIST", "WinoGAViL"]
+    lines = (tmp_path / "out" / "eval_results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["dataset"] for line in lines] == ["CIFAR-10", "MNIST", "WinoGAViL"]
+    assert "main_metric" not in json.loads(lines[1])["metrics"]  # missing is not zero
+
+
+def test_task_table_and_aggregation_follow_datacomp(tmp_path):
+    assert len(TASKS) == 38 and len({t.name for t in TASKS}) == 38
+    assert sum(t.group == "VTAB" for t in TASKS) == 13 and sum(t.group == "ImageNet dist. shifts" for t in TASKS) == 6
+    rng = np.random.default_rng(0)
+    values = {t.name: float(rng.uniform()) for t in TASKS}
+    path = tmp_path / "eval_results.jsonl"
+    path.write_text("".join(json.dumps({"key": t.key, "dataset": t.name, "metrics": {"main_metric": values[t.name]}}) + "\n"
+                            for t in TASKS) + json.dumps({"dataset": "FairFace", "metrics": {"main_metric": None}}) + "\n")
+    summary = aggregate(read_results(path))
+    retrieval = ["Flickr", "MSCOCO", "WinoGAViL"]
+    vtab = ["Caltech-101", "CIFAR-100", "CLEVR Counts", "CLEVR Distance", "Describable Textures", "EuroSAT",
+            "KITTI Vehicle Distance", "Oxford Flowers-102", "Oxford-IIIT Pet", "PatchCamelyon", "RESISC45", "SVHN", "SUN397"]
+    assert summary["ImageNet"] == values["ImageNet 1k"]
+    assert summary["Retrieval"] == pytest.approx(np.mean([values[n] for n in retrieval]))
+    assert summary["VTAB"] == pytest.approx(np.mean([values[n] for n in vtab]))
+    assert summary["Average"] == pytest.approx(np.mean(list(values.values())))
+    assert summary["available"] == "38/38" and summary["missing"] == []
+    with pytest.raises(ValueError, match="unknown task 'imagenet-x'"):
+        select_tasks("imagenet,imagenet-x")
