@@ -2,6 +2,7 @@
 
 Subcommands:
     embed            embed WebDataset shards into an embedding store (resumable)
+    eval             zero-shot evaluation of a checkpoint on ImageNet / DataComp tasks
     prune            run the pruning stages on an embedding store (YAML config + flags)
     data synthetic   write a synthetic clustered pool with planted duplicates as a store
 """
@@ -9,7 +10,9 @@ Subcommands:
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -41,6 +44,21 @@ def _embed_parser() -> ArgumentParser:
     return p
 
 
+def _eval_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Zero-shot evaluation (clip_benchmark) of a CLIPModule checkpoint "
+                       "or an open_clip model; prints the table and writes JSON, markdown and CSV.")
+    p.add_argument("--ckpt", type=Optional[str], default=None, help="a CLIPModule (Lightning) checkpoint")
+    p.add_argument("--model", type=str, default="ViT-B-32", help="open_clip model, without --ckpt")
+    p.add_argument("--weights", type=Optional[str], default=None, help="open_clip weights, without --ckpt")
+    p.add_argument("--tasks", type=str, default="imagenet", help="imagenet, datacomp38, or DataComp keys")
+    p.add_argument("--data_root", type=Optional[str], default=None, help="clip_benchmark WebDataset tasks")
+    p.add_argument("--imagenet_folder", type=Optional[str], default=None, help="ImageNet val ImageFolder")
+    p.add_argument("--out", type=str, default="runs/eval", help="results directory")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--num_workers", type=int, default=0)
+    return p
+
+
 def _synthetic_parser() -> ArgumentParser:
     p = ArgumentParser(description="Write a synthetic pool (clusters of skewed size and spread, "
                        "planted near-duplicates) as an embedding store.")
@@ -60,6 +78,7 @@ def build_parser() -> ArgumentParser:
     commands = parser.add_subcommands(dest="command")
     commands.add_subcommand("embed", _embed_parser(), help="embed shards into an embedding store")
     commands.add_subcommand("prune", _prune_parser(), help="prune a pool into a run directory")
+    commands.add_subcommand("eval", _eval_parser(), help="zero-shot evaluation")
     data = ArgumentParser(description="make datasets")
     commands.add_subcommand("data", data, help="make datasets")
     data.add_subcommands(dest="kind").add_subcommand("synthetic", _synthetic_parser(),
@@ -102,6 +121,43 @@ def run_embed(args) -> int:
     return 0
 
 
+def run_eval(args) -> int:
+    import csv
+
+    import torch
+
+    from .clip_module import CLIPModule
+    from .evaluation import evaluate_tasks, format_table, select_tasks
+    from .evaluation.tasks import BY_KEY
+
+    tasks = select_tasks(args.tasks)  # refuse unknown tasks before loading anything
+    if args.ckpt:
+        if not os.path.isfile(args.ckpt):
+            raise ValueError(f"--ckpt: no file {args.ckpt}")
+        module = CLIPModule.load_from_checkpoint(args.ckpt, map_location="cpu")
+    else:
+        module = CLIPModule(args.model, checkpoint=args.weights)
+    if torch.cuda.is_available():
+        module = module.cuda()
+    rows, summary = evaluate_tasks(module.model, module.preprocess_val, module.tokenizer, tasks,
+                                   args.data_root, out_dir=args.out, batch_size=args.batch_size,
+                                   num_workers=args.num_workers, imagenet_folder=args.imagenet_folder)
+    table = format_table(rows, summary)
+    print(table)
+    from .atomic import atomic_path
+
+    with atomic_path(os.path.join(args.out, "eval_table.md")) as tmp:
+        tmp.write_text(table + "\n")
+    with atomic_path(os.path.join(args.out, "eval_table.csv")) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["task", "key", "main_metric", "value", "status", "note"])
+        for r in rows:
+            writer.writerow([r["dataset"], r["key"], BY_KEY[r["key"]].main_metric,
+                             r["metrics"].get("main_metric", ""), r["status"], r.get("reason", "")])
+    print(f"{summary['available']} tasks evaluated -> {args.out}")
+    return 0
+
+
 def run_synthetic(args) -> int:
     from .synthetic import PoolSpec, write_pool_store
 
@@ -124,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cfg.command == "prune":
             return run_prune(prune_config(parser, cfg))
+        if cfg.command == "eval":
+            return run_eval(cfg.eval)
         if cfg.command == "embed":
             return run_embed(parser.instantiate(cfg).embed)
         if cfg.command == "data" and cfg.data.kind == "synthetic":

@@ -97,3 +97,37 @@ def test_task_table_and_aggregation_follow_datacomp(tmp_path):
     assert summary["available"] == "38/38" and summary["missing"] == []
     with pytest.raises(ValueError, match="unknown task 'imagenet-x'"):
         select_tasks("imagenet,imagenet-x")
+
+
+def test_callback_logs_during_fit_and_eval_cli_reads_the_checkpoint(tmp_path, capsys):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dbp_lightning.cli import main
+    from dbp_lightning.evaluation import ZeroShotCallback
+
+    write_classification(tmp_path / "evalsets", BY_KEY["cifar10"].folder, n=12, shards=1)
+    module = CLIPModule("tiny-clip", lr=1e-3, warmup_steps=1)
+    images = torch.randn(8, 3, 64, 64)
+    texts = module.tokenizer([f"caption {i}" for i in range(8)])
+    callback = ZeroShotCallback("cifar10,mnist", data_root=str(tmp_path / "evalsets"), batch_size=4,
+                                out_dir=str(tmp_path / "zs"))
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=CSVLogger(tmp_path / "logs"),
+                        callbacks=[callback], enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(TensorDataset(images, texts), batch_size=4))
+    rows, summary = callback.last
+    assert summary["available"] == "1/2" and module.training
+    assert (tmp_path / "zs" / "epoch_0" / "eval_results.jsonl").exists()
+    logged = (tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "zeroshot/CIFAR-10" in logged and "zeroshot/tasks_available" in logged
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    assert main(["eval", "--ckpt", str(ckpt), "--tasks", "cifar10,mnist", "--data_root",
+                 str(tmp_path / "evalsets"), "--out", str(tmp_path / "eval"), "--batch_size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "| CIFAR-10 | acc1 |" in out and "| MNIST | acc1 | missing |" in out and "1/2 tasks" in out
+    final = json.loads((tmp_path / "eval" / "eval_results.jsonl").read_text().splitlines()[0])
+    assert final["metrics"]["acc1"] == pytest.approx(
+        evaluate_task(module.model, module.preprocess_val, module.tokenizer, BY_KEY["cifar10"],
+                      str(tmp_path / "evalsets"), batch_size=4)["metrics"]["acc1"])
+    assert (tmp_path / "eval" / "eval_table.csv").read_text().startswith("task,key,main_metric")
