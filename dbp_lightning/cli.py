@@ -1,6 +1,7 @@
 """The ``dbp-lightning`` console script.
 
 Subcommands:
+    fit, validate    LightningCLI: CLIPModule on DBPDataModule (configs/fit/*.yaml)
     embed            embed WebDataset shards into an embedding store (resumable)
     eval             zero-shot evaluation of a checkpoint on ImageNet / DataComp tasks
     prune            run the pruning stages on an embedding store (YAML config + flags)
@@ -168,7 +169,22 @@ def run_synthetic(args) -> int:
     return 0
 
 
+def lightning_cli(argv: list[str]) -> int:
+    """``fit`` / ``validate``: LightningCLI over CLIPModule and DBPDataModule."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from .clip_module import CLIPModule
+    from .datamodule import DBPDataModule
+
+    LightningCLI(CLIPModule, DBPDataModule, args=argv, save_config_kwargs={"overwrite": True},
+                 parser_kwargs={"prog": f"dbp-lightning {argv[0]}" if argv else "dbp-lightning"})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("fit", "validate"):
+        return lightning_cli(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # says which SIMD build loaded
     parser = build_parser()

@@ -104,6 +104,13 @@ class CLIPModule(L.LightningModule):
         self._step_started = now
         return loss
 
+    def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """Contrastive loss on held-out pairs (``val_shards``), gathered like the training loss."""
+        images, texts = batch[0], batch[1]
+        loss = self.loss(*self(images, texts))
+        self.log("val/loss", loss, batch_size=images.shape[0], sync_dist=True)
+        return loss
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))

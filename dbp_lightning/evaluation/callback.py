@@ -41,8 +41,15 @@ class ZeroShotCallback(L.Callback):
         self.last: Optional[tuple[list, dict]] = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":  # `dbp-lightning validate`: evaluate once
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Run the tasks on rank 0, log and write the results; other ranks wait."""
         if trainer.is_global_zero:
             out = os.path.join(self.out_dir or os.path.join(trainer.default_root_dir, "zeroshot"),
                                f"epoch_{trainer.current_epoch}")
