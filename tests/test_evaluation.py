@@ -131,3 +131,38 @@ def test_callback_logs_during_fit_and_eval_cli_reads_the_checkpoint(tmp_path, ca
         evaluate_task(module.model, module.preprocess_val, module.tokenizer, BY_KEY["cifar10"],
                       str(tmp_path / "evalsets"), batch_size=4)["metrics"]["acc1"])
     assert (tmp_path / "eval" / "eval_table.csv").read_text().startswith("task,key,main_metric")
+
+
+def test_grouped_metrics_match_their_definitions():
+    from dbp_lightning.evaluation.grouped import grouped_metrics
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(60, 7))
+    target = rng.integers(0, 7, 60)
+    meta = np.stack([rng.integers(0, 6, 60), rng.integers(0, 3, 60)], 1)
+    pred = logits.argmax(1)
+    per_region = {g: (pred == target)[meta[:, 0] == g].mean() for g in np.unique(meta[:, 0])}
+    fmow = grouped_metrics("wilds/fmow", logits, target, meta)
+    assert fmow["acc_worst_region"] == min(v for g, v in per_region.items() if g != 5)
+    assert grouped_metrics("fairness/geode", logits, target, meta)["acc_wg"] == min(per_region.values())
+    top5 = np.array([t in np.argsort(-row)[:5] for row, t in zip(logits, target)])
+    ds = grouped_metrics("fairness/dollar_street", logits, target, meta)["acc_top5_wg"]
+    assert ds == min(top5[meta[:, 0] == g].mean() for g in np.unique(meta[:, 0]))
+    f1s = []
+    for c in np.unique(target):
+        tp = ((pred == c) & (target == c)).sum()
+        precision = tp / max((pred == c).sum(), 1)
+        recall = tp / (target == c).sum()
+        f1s.append(0 if tp == 0 else 2 * precision * recall / (precision + recall))
+    assert grouped_metrics("wilds/iwildcam", logits, target, meta)["F1-macro_all"] == pytest.approx(np.mean(f1s))
+
+
+@pytest.mark.parametrize("key", ["wilds/fmow", "fairness/geode", "wilds/camelyon17"])
+def test_grouped_tasks_run_end_to_end(tmp_path, clip, key):
+    from evalsets import write_grouped
+
+    task = BY_KEY[key]
+    labels, meta = write_grouped(tmp_path, task.folder)
+    row = evaluate_task(clip.model, clip.preprocess_val, clip.tokenizer, task, str(tmp_path), batch_size=8)
+    assert row["status"] == "ok" and task.main_metric in row["metrics"]
+    assert 0.0 <= row["metrics"]["main_metric"] <= row["metrics"]["acc1"] or key == "wilds/camelyon17"

@@ -4,7 +4,7 @@ Each task's data is read from ``<data_root>/<task.folder>`` in clip_benchmark's 
 layout; ImageNet-1k can instead come from an ImageFolder, named with open_clip's ImageNet class
 names and OpenAI templates. A task whose data is absent is reported as missing, and a task
 whose metric needs DataComp's own evaluator (WinoGAViL, WILDS worst-group/F1, fairness) as
-unsupported: never as zero, never silently dropped.
+unsupported (WinoGAViL, for now): never as zero, never silently dropped.
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from .aggregate import aggregate
+from .grouped import grouped_metrics
 from .tasks import Task
 
-SUPPORTED = ("classification", "retrieval")
+SUPPORTED = ("classification", "retrieval", "wilds", "fairness")
 
 
 def _device(device: Optional[str]) -> str:
@@ -70,7 +72,8 @@ def evaluate_task(model, transform: Callable, tokenizer: Callable, task: Task, d
         loader, classnames, templates = imagenet_folder_loader(imagenet_folder, transform, batch_size, num_workers)
     else:
         ds = build_dataset(f"wds/{task.key}", root=str(folder), transform=transform, split="test",
-                           download=False, task=f"zeroshot_{task.kind}")
+                           download=False,
+                           task="zeroshot_retrieval" if task.kind == "retrieval" else "zeroshot_classification")
         if task.kind == "retrieval":
             loader = DataLoader(ds.batched(batch_size, collation_fn=image_captions_collate_fn),
                                 batch_size=None, num_workers=num_workers)
@@ -81,11 +84,27 @@ def evaluate_task(model, transform: Callable, tokenizer: Callable, task: Task, d
     if task.kind == "retrieval":
         metrics = zeroshot_retrieval.evaluate(model, loader, tokenizer, device, amp=amp, recall_k_list=[1, 5, 10])
         metrics["mean_recall@1"] = 0.5 * (metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"])
+    elif task.kind in ("wilds", "fairness"):
+        classifier = zeroshot_classification.zero_shot_classifier(model, tokenizer, classnames, templates,
+                                                                  device, amp=amp)
+        logits, target = zeroshot_classification.run_classification(model, classifier, loader, device, amp=amp)
+        metrics = grouped_metrics(task.key, logits.numpy(), target.numpy(), _metadata(folder))
     else:
         metrics = zeroshot_classification.evaluate(model, loader, tokenizer, classnames, templates, device, amp=amp)
     metrics = {k: float(v) for k, v in metrics.items()}
     metrics["main_metric"] = metrics[task.main_metric]
     return {**row, "status": "ok", "metrics": metrics}
+
+
+def _metadata(folder: Path) -> np.ndarray:
+    """The ``.npy`` metadata vectors of a task's test shards, in sample order. int (N, F)."""
+    import webdataset as wds
+
+    n = int((folder / "test" / "nshards.txt").read_text())
+    shards = [str(folder / "test" / f"{i}.tar") for i in range(n)]
+    ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False,
+                        nodesplitter=lambda src: src).decode().to_tuple("npy")
+    return np.stack([np.asarray(m) for (m,) in ds])
 
 
 def evaluate_tasks(model, transform, tokenizer, tasks: list[Task], data_root: Optional[str],
