@@ -64,7 +64,8 @@ def evaluate_task(model, transform: Callable, tokenizer: Callable, task: Task, d
     use_folder = task.key == "imagenet1k" and imagenet_folder and not folder.is_dir()
     if task.kind not in SUPPORTED:
         return {**row, "status": "unsupported",
-                "reason": f"{task.main_metric} needs DataComp's {task.kind} evaluator"}
+                "reason": f"{task.main_metric}: DataComp reads {task.name} from a Hugging Face "
+                          "datasets cache; not implemented here yet"}
     if not use_folder and not (folder / "test" / "nshards.txt").is_file():
         return {**row, "status": "missing", "reason": f"no data at {folder}"}
     amp = device == "cuda"
