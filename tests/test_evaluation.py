@@ -66,12 +66,12 @@ def test_retrieval_matches_a_hand_computation(tmp_path, clip):
     assert m["main_metric"] == pytest.approx(0.5 * (text_to_image + image_to_text))
 
 
-def test_missing_and_unsupported_tasks_are_reported_and_counted(tmp_path, clip):
+def test_missing_tasks_are_reported_and_counted(tmp_path, clip):
     write_classification(tmp_path, BY_KEY["cifar10"].folder, n=6, shards=1)
     tasks = select_tasks("cifar10,mnist,misc/winogavil")
     rows, summary = evaluate_tasks(clip.model, clip.preprocess_val, clip.tokenizer, tasks, str(tmp_path),
                                    out_dir=str(tmp_path / "out"), batch_size=4)
-    assert [r["status"] for r in rows] == ["ok", "missing", "unsupported"]
+    assert [r["status"] for r in rows] == ["ok", "missing", "missing"]
     assert summary["available"] == "1/3" and summary["missing"] == ["MNIST", "WinoGAViL"]
     lines = (tmp_path / "out" / "eval_results.jsonl").read_text().splitlines()
     assert [json.loads(line)["dataset"] for line in lines] == ["CIFAR-10", "MNIST", "WinoGAViL"]
@@ -166,3 +166,39 @@ def test_grouped_tasks_run_end_to_end(tmp_path, clip, key):
     row = evaluate_task(clip.model, clip.preprocess_val, clip.tokenizer, task, str(tmp_path), batch_size=8)
     assert row["status"] == "ok" and task.main_metric in row["metrics"]
     assert 0.0 <= row["metrics"]["main_metric"] <= row["metrics"]["acc1"] or key == "wilds/camelyon17"
+
+
+def test_winogavil_from_a_local_datasets_copy(tmp_path, clip):
+    import datasets
+
+    from wds_util import image_bytes
+
+    rng = np.random.default_rng(3)
+    rows = {"cue": [], "candidates": [], "associations": [], "candidate_images": []}
+    for i, n in enumerate([5, 6, 10, 12, 10]):
+        names = [f"c{i}_{j}" for j in range(n)]
+        rows["cue"].append(["apple", "boat", "ice", "tree", "ocean"][i])
+        rows["candidates"].append(names)
+        rows["associations"].append(list(rng.choice(names, 2 + i % 3, replace=False)))
+        rows["candidate_images"].append([Image.open(io.BytesIO(image_bytes(500 + 20 * i + j))) for j in range(n)])
+    features = datasets.Features({"cue": datasets.Value("string"),
+                                  "candidates": datasets.Sequence(datasets.Value("string")),
+                                  "associations": datasets.Sequence(datasets.Value("string")),
+                                  "candidate_images": datasets.Sequence(datasets.Image())})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "winogavil"))
+    row = evaluate_task(clip.model, clip.preprocess_val, clip.tokenizer, BY_KEY["misc/winogavil"], str(tmp_path))
+    model = clip.model.eval()
+    expected = []
+    for i in range(5):
+        imgs = torch.stack([clip.preprocess_val(im.convert("RGB")) for im in rows["candidate_images"][i]])
+        prompt = ("An " if rows["cue"][i][0] in "aeiou" else "A ") + rows["cue"][i]
+        with torch.no_grad():
+            sims = (F.normalize(model.encode_text(clip.tokenizer([prompt])), dim=-1)
+                    @ F.normalize(model.encode_image(imgs), dim=-1).T)[0].numpy()
+        truth = set(rows["associations"][i])
+        picked = {rows["candidates"][i][j] for j in np.argsort(sims)[::-1][: len(truth)]}
+        expected.append(len(truth & picked) / len(truth | picked))
+    assert row["status"] == "ok"
+    assert row["metrics"]["jaccard_score_10-12"] == pytest.approx(np.mean(expected[2:]))
+    assert row["metrics"]["main_metric"] == row["metrics"]["jaccard_score_10-12"]
+    assert row["metrics"]["avg_jaccard_score"] == pytest.approx(np.mean(expected))

@@ -2,9 +2,10 @@
 
 Each task's data is read from ``<data_root>/<task.folder>`` in clip_benchmark's WebDataset
 layout; ImageNet-1k can instead come from an ImageFolder, named with open_clip's ImageNet class
-names and OpenAI templates. A task whose data is absent is reported as missing, and a task
-whose metric needs DataComp's own evaluator (WinoGAViL, WILDS worst-group/F1, fairness) as
-unsupported (WinoGAViL, for now): never as zero, never silently dropped.
+names and OpenAI templates; WinoGAViL comes from a Hugging Face ``datasets`` copy (see
+``winogavil.py``). WILDS and fairness tasks add DataComp's worst-group metrics from their
+``.npy`` metadata (``grouped.py``). A task whose data is absent is reported as missing: never
+as zero, never silently dropped.
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ from torch.utils.data import DataLoader
 
 from .aggregate import aggregate
 from .grouped import grouped_metrics
+from .winogavil import evaluate_winogavil, load_winogavil
 from .tasks import Task
-
-SUPPORTED = ("classification", "retrieval", "wilds", "fairness")
-
 
 def _device(device: Optional[str]) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,7 +52,7 @@ def evaluate_task(model, transform: Callable, tokenizer: Callable, task: Task, d
 
     Returns:
         ``{"key", "dataset", "status", "metrics"}``; status "ok" with ``metrics["main_metric"]``,
-        or "missing" / "unsupported" with a ``reason`` and no metric.
+        or "missing" with a ``reason`` and no metric.
     """
     from clip_benchmark.datasets.builder import build_dataset, image_captions_collate_fn
     from clip_benchmark.metrics import zeroshot_classification, zeroshot_retrieval
@@ -62,10 +61,13 @@ def evaluate_task(model, transform: Callable, tokenizer: Callable, task: Task, d
     device = _device(device)
     folder = Path(data_root or "") / task.folder
     use_folder = task.key == "imagenet1k" and imagenet_folder and not folder.is_dir()
-    if task.kind not in SUPPORTED:
-        return {**row, "status": "unsupported",
-                "reason": f"{task.main_metric}: DataComp reads {task.name} from a Hugging Face "
-                          "datasets cache; not implemented here yet"}
+    if task.kind == "winogavil":
+        examples = load_winogavil(data_root)
+        if examples is None:
+            return {**row, "status": "missing",
+                    "reason": f"no {Path(data_root or '') / 'winogavil'} nor hf_cache with nlphuji/winogavil"}
+        metrics = evaluate_winogavil(model, transform, tokenizer, examples, device)
+        return {**row, "status": "ok", "metrics": {**metrics, "main_metric": metrics[task.main_metric]}}
     if not use_folder and not (folder / "test" / "nshards.txt").is_file():
         return {**row, "status": "missing", "reason": f"no data at {folder}"}
     amp = device == "cuda"
