@@ -135,9 +135,10 @@ def run_eval(args) -> int:
     if args.ckpt:
         if not os.path.isfile(args.ckpt):
             raise ValueError(f"--ckpt: no file {args.ckpt}")
-        module = CLIPModule.load_from_checkpoint(args.ckpt, map_location="cpu")
+        # the trained weights are in the checkpoint: never reload the initial ones
+        module = CLIPModule.load_from_checkpoint(args.ckpt, map_location="cpu", pretrained=None)
     else:
-        module = CLIPModule(args.model, checkpoint=args.weights)
+        module = CLIPModule(args.model, pretrained=args.weights)
     if torch.cuda.is_available():
         module = module.cuda()
     rows, summary = evaluate_tasks(module.model, module.preprocess_val, module.tokenizer, tasks,

@@ -41,7 +41,8 @@ class CLIPModule(L.LightningModule):
     Args:
         model: an open_clip architecture ("ViT-B-32"), one of this package's model configs
             ("tiny-clip"), or a path to a model-config JSON.
-        checkpoint: local weights to start from (None: random initialisation, seeded).
+        pretrained: local open_clip weights to start from (None: random initialisation,
+            seeded). Not Lightning's ``checkpoint``: a saved CLIPModule restores without it.
         lr, betas, eps, weight_decay: AdamW, OpenCLIP defaults.
         warmup_steps: linear warmup steps (DataComp medium: 500).
         lock_image, lock_text: freeze a tower (LiT-style).
@@ -52,7 +53,7 @@ class CLIPModule(L.LightningModule):
     Batches are ``(images, texts, ...)``: float (B, 3, H, W) and token ids (B, context).
     """
 
-    def __init__(self, model: str = "ViT-B-32", checkpoint: Optional[str] = None, lr: float = 5e-4,
+    def __init__(self, model: str = "ViT-B-32", pretrained: Optional[str] = None, lr: float = 5e-4,
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
                  weight_decay: float = 0.2, warmup_steps: int = 10000, lock_image: bool = False,
                  lock_text: bool = False, grad_checkpointing: bool = False,
@@ -65,7 +66,7 @@ class CLIPModule(L.LightningModule):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.model, self.preprocess_train, self.preprocess_val = \
-                open_clip.create_model_and_transforms(name, pretrained=checkpoint)
+                open_clip.create_model_and_transforms(name, pretrained=pretrained)
         self.tokenizer = open_clip.get_tokenizer(name)
         if lock_image:
             self.model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=True)
@@ -74,6 +75,8 @@ class CLIPModule(L.LightningModule):
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.loss = open_clip.ClipLoss(local_loss, gather_with_grad, cache_labels=True)
+        # validation batches may differ in number across ranks: a loss that gathers would hang
+        self.val_loss = open_clip.ClipLoss()
         self._step_started: Optional[float] = None
 
     def setup(self, stage: str) -> None:
@@ -105,9 +108,10 @@ class CLIPModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
-        """Contrastive loss on held-out pairs (``val_shards``), gathered like the training loss."""
+        """Contrastive loss of each rank's held-out batch (``val_shards``), averaged over ranks
+        at epoch end; no per-batch collective, so ranks may hold different numbers of batches."""
         images, texts = batch[0], batch[1]
-        loss = self.loss(*self(images, texts))
+        loss = self.val_loss(*self(images, texts))
         self.log("val/loss", loss, batch_size=images.shape[0], sync_dist=True)
         return loss
 

@@ -40,7 +40,8 @@ def write_retrieval(root: Path, folder: str, n: int = 10) -> list[list[str]]:
     return captions
 
 
-def write_grouped(root: Path, folder: str, n: int = 30, groups: int = 3) -> tuple[list[int], list[list[int]]]:
+def write_grouped(root: Path, folder: str, n: int = 30, groups: int = 3, shards: int = 1
+                  ) -> tuple[list[int], list[list[int]]]:
     """A WILDS/fairness-style task: .cls labels and .npy metadata (column 0 = group)."""
     import io
 
@@ -49,14 +50,16 @@ def write_grouped(root: Path, folder: str, n: int = 30, groups: int = 3) -> tupl
     base = root / folder
     (base / "test").mkdir(parents=True, exist_ok=True)
     labels = [i % len(CLASSES) for i in range(n)]
-    meta = [[i % groups, 2000 + i % 4] for i in range(n)]
-    with wds.TarWriter(str(base / "test" / "0.tar")) as sink:
-        for i in range(n):
-            buf = io.BytesIO()
-            np.save(buf, np.array(meta[i], dtype=np.int64))
-            sink.write({"__key__": f"g{i:04d}", "png": image_bytes(300 + i, "PNG"),
-                        "cls": str(labels[i]).encode(), "npy": buf.getvalue()})
-    (base / "test" / "nshards.txt").write_text("1\n")
+    meta = [[(i // 2) % groups, 2000 + i % 4] for i in range(n)]
+    per = -(-n // shards)
+    for s in range(shards):
+        with wds.TarWriter(str(base / "test" / f"{s}.tar")) as sink:
+            for i in range(s * per, min(n, (s + 1) * per)):
+                buf = io.BytesIO()
+                np.save(buf, np.array(meta[i], dtype=np.int64))
+                sink.write({"__key__": f"g{i:04d}", "png": image_bytes(300 + i, "PNG"),
+                            "cls": str(labels[i]).encode(), "npy": buf.getvalue()})
+    (base / "test" / "nshards.txt").write_text(f"{shards}\n")
     (base / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
     (base / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n")
     return labels, meta

@@ -73,8 +73,11 @@ def test_lock_image_tower_freezes_it():
 def _gathered_loss(rank, world, path, images, texts, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=path)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    from types import SimpleNamespace
+
     module = CLIPModule("tiny-clip")
-    module.loss = type(module.loss)(cache_labels=True, rank=rank, world_size=world)
+    module._trainer = SimpleNamespace(global_rank=rank, world_size=world)  # what setup reads
+    module.setup("fit")
     half = len(images) // world
     with torch.no_grad():
         loss = module.loss(*module(images[rank * half:(rank + 1) * half], texts[rank * half:(rank + 1) * half]))

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from .aggregate import aggregate
 from .grouped import grouped_metrics
-from .winogavil import evaluate_winogavil, load_winogavil
+from .hf_copy import ImageCaptions, load_test_split
+from .winogavil import evaluate_winogavil
 from .tasks import Task
 
 def _device(device: Optional[str]) -> str:
@@ -61,17 +62,21 @@ def evaluate_task(model, transform: Callable, tokenizer: Callable, task: Task, d
     device = _device(device)
     folder = Path(data_root or "") / task.folder
     use_folder = task.key == "imagenet1k" and imagenet_folder and not folder.is_dir()
-    if task.kind == "winogavil":
-        examples = load_winogavil(data_root)
-        if examples is None:
-            return {**row, "status": "missing",
-                    "reason": f"no {Path(data_root or '') / 'winogavil'} nor hf_cache with nlphuji/winogavil"}
-        metrics = evaluate_winogavil(model, transform, tokenizer, examples, device)
-        return {**row, "status": "ok", "metrics": {**metrics, "main_metric": metrics[task.main_metric]}}
-    if not use_folder and not (folder / "test" / "nshards.txt").is_file():
-        return {**row, "status": "missing", "reason": f"no data at {folder}"}
     amp = device == "cuda"
-    if use_folder:
+    hf_name = task.key.split("/", 1)[1] if task.kind in ("winogavil", "retrieval") else None
+    hf = load_test_split(data_root, hf_name) if hf_name else None  # DataComp's own source first
+    if task.kind == "winogavil":
+        if hf is None:
+            return {**row, "status": "missing",
+                    "reason": f"no {Path(data_root or '') / hf_name} nor hf_cache with nlphuji/{hf_name}"}
+        metrics = evaluate_winogavil(model, transform, tokenizer, hf, device)
+        return {**row, "status": "ok", "metrics": {**metrics, "main_metric": metrics[task.main_metric]}}
+    if hf is None and not use_folder and not (folder / "test" / "nshards.txt").is_file():
+        return {**row, "status": "missing", "reason": f"no data at {folder}"}
+    if hf is not None:
+        loader = DataLoader(ImageCaptions(hf, transform), batch_size=batch_size, num_workers=num_workers,
+                            collate_fn=image_captions_collate_fn)
+    elif use_folder:
         loader, classnames, templates = imagenet_folder_loader(imagenet_folder, transform, batch_size, num_workers)
     else:
         ds = build_dataset(f"wds/{task.key}", root=str(folder), transform=transform, split="test",
@@ -91,7 +96,10 @@ def evaluate_task(model, transform: Callable, tokenizer: Callable, task: Task, d
         classifier = zeroshot_classification.zero_shot_classifier(model, tokenizer, classnames, templates,
                                                                   device, amp=amp)
         logits, target = zeroshot_classification.run_classification(model, classifier, loader, device, amp=amp)
-        metrics = grouped_metrics(task.key, logits.numpy(), target.numpy(), _metadata(folder))
+        labels, metadata = _metadata(folder, batch_size, num_workers)
+        if not torch.equal(labels, target):  # scores and groups must describe the same samples
+            raise RuntimeError(f"{folder}: metadata order does not match the predictions")
+        metrics = grouped_metrics(task.key, logits.numpy(), target.numpy(), metadata.numpy())
     else:
         metrics = zeroshot_classification.evaluate(model, loader, tokenizer, classnames, templates, device, amp=amp)
     metrics = {k: float(v) for k, v in metrics.items()}
@@ -99,15 +107,24 @@ def evaluate_task(model, transform: Callable, tokenizer: Callable, task: Task, d
     return {**row, "status": "ok", "metrics": metrics}
 
 
-def _metadata(folder: Path) -> np.ndarray:
-    """The ``.npy`` metadata vectors of a task's test shards, in sample order. int (N, F)."""
+def _metadata(folder: Path, batch_size: int, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (N,) and ``.npy`` metadata (N, F) of a task's test shards, read through a loader
+    split over workers exactly as the prediction loader is, so rows come in the same order."""
     import webdataset as wds
 
     n = int((folder / "test" / "nshards.txt").read_text())
     shards = [str(folder / "test" / f"{i}.tar") for i in range(n)]
-    ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False,
-                        nodesplitter=lambda src: src).decode().to_tuple("npy")
-    return np.stack([np.asarray(m) for (m,) in ds])
+    ds = (wds.WebDataset(shards, shardshuffle=False, empty_check=False, nodesplitter=_all_shards)
+          .decode().to_tuple("cls", "npy").batched(batch_size))
+    labels, metadata = [], []
+    for cls, npy in DataLoader(ds, batch_size=None, num_workers=num_workers):
+        labels.append(torch.as_tensor(cls))
+        metadata.append(torch.as_tensor(np.asarray(npy)))
+    return torch.cat(labels), torch.cat(metadata)
+
+
+def _all_shards(src):
+    return src
 
 
 def evaluate_tasks(model, transform, tokenizer, tasks: list[Task], data_root: Optional[str],

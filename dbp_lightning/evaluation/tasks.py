@@ -22,7 +22,8 @@ class Task(NamedTuple):
 
     @property
     def folder(self) -> str:
-        return f"wds_{self.key.replace('/', '-')}_test"
+        # DataComp's download_evalsets.py drops the fairness/ prefix from these folder names
+        return f"wds_{self.key.removeprefix('fairness/').replace('/', '-')}_test"
 
 
 def _t(key, name, group=OTHER, metric="acc1", kind="classification"):

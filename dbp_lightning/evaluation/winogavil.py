@@ -1,50 +1,17 @@
 """WinoGAViL (DataComp's version): for each cue, pick as many of the candidate images as it has
 associations, by CLIP similarity to "A/An <cue>", and score the pick by Jaccard index.
 
-The data is the Hugging Face dataset ``nlphuji/winogavil`` (test split), read offline from
-``<data_root>/winogavil`` (a ``datasets`` ``save_to_disk`` directory) or from DataComp's
-``<data_root>/hf_cache``; nothing downloads.
+The data is the Hugging Face dataset ``nlphuji/winogavil`` (test split), read offline by
+:func:`~dbp_lightning.evaluation.hf_copy.load_test_split`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-
-def load_winogavil(data_root: Optional[str]):
-    """The test split as a ``datasets.Dataset``, or None when neither location holds it."""
-    import datasets
-
-    root = Path(data_root or "")
-    if (root / "winogavil").is_dir():
-        return datasets.load_from_disk(str(root / "winogavil"))
-    if (root / "hf_cache").is_dir():
-        with _offline():
-            try:
-                return datasets.load_dataset("nlphuji/winogavil", split="test", cache_dir=str(root / "hf_cache"))
-            except (FileNotFoundError, ConnectionError, ValueError):
-                return None
-    return None
-
-
-@contextlib.contextmanager
-def _offline():
-    before = os.environ.get("HF_DATASETS_OFFLINE")
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("HF_DATASETS_OFFLINE")
-        else:
-            os.environ["HF_DATASETS_OFFLINE"] = before
 
 
 def cue_prompt(cue: str) -> str:
