@@ -85,6 +85,17 @@ def _demo_data_parser() -> ArgumentParser:
     return p
 
 
+def _demo_parser() -> ArgumentParser:
+    from .demo import DemoConfig
+
+    p = ArgumentParser(description="The offline demo: build the data, embed, prune (SemDeDup -> DBP), "
+                       "train a small CLIP on the pruned and the full pool for the same samples seen, "
+                       "evaluate both zero-shot, print the table.")
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_class_arguments(DemoConfig, nested_key=None)
+    return p
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="dbp-lightning", description=__doc__.splitlines()[0],
                             exit_on_error=False)
@@ -92,6 +103,7 @@ def build_parser() -> ArgumentParser:
     commands.add_subcommand("embed", _embed_parser(), help="embed shards into an embedding store")
     commands.add_subcommand("prune", _prune_parser(), help="prune a pool into a run directory")
     commands.add_subcommand("eval", _eval_parser(), help="zero-shot evaluation")
+    commands.add_subcommand("demo", _demo_parser(), help="the offline demo, end to end")
     data = ArgumentParser(description="make datasets")
     commands.add_subcommand("data", data, help="make datasets")
     kinds = data.add_subcommands(dest="kind")
@@ -226,6 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cfg.command == "prune":
             return run_prune(prune_config(parser, cfg))
+        if cfg.command == "demo":
+            from .demo import DemoConfig, format_demo_table, run_demo
+
+            ns = parser.instantiate(cfg).demo
+            summary = run_demo(DemoConfig(**{f: ns[f] for f in DemoConfig.__dataclass_fields__}))
+            print(format_demo_table(summary["results"]))
+            print(f"-> {summary['config']['out']}/demo_results.md")
+            return 0
         if cfg.command == "eval":
             return run_eval(cfg.eval)
         if cfg.command == "embed":

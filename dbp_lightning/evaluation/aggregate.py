@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from .tasks import BY_NAME, GROUPS, IMAGENET, OTHER, TASKS
+from .tasks import BY_NAME, GROUPS, OTHER, TASKS
 
 
 def aggregate(results: dict[str, float], requested: list | None = None) -> dict:
@@ -15,20 +15,21 @@ def aggregate(results: dict[str, float], requested: list | None = None) -> dict:
 
     Returns ``{"ImageNet", "ImageNet dist. shifts", "VTAB", "Retrieval", "Average"}`` with the
     mean over the tasks present (None where a group has none), plus ``"available"``
-    ("31/38") and ``"missing"`` relative to the ``requested`` tasks (default: all 38): a mean
-    over fewer tasks than DataComp's is not comparable with its tables, and the count says so.
+    ("31/38") and ``"missing"`` relative to the ``requested`` tasks (default: DataComp's 38;
+    other tasks, such as the demo's, count in the average only): a mean over fewer tasks than
+    DataComp's is not comparable with its tables, and the count says so.
     """
-    unknown = sorted(set(results) - set(BY_NAME))
+    requested = list(requested) if requested is not None else list(TASKS)
+    unknown = sorted(set(results) - {t.name for t in requested})
     if unknown:
         raise ValueError(f"results name unknown tasks: {', '.join(unknown)}")
     out: dict = {}
     for group in GROUPS:
         if group == OTHER:
             continue
-        values = [results[t.name] for t in TASKS if t.group == group and t.name in results]
+        values = [results[t.name] for t in requested if t.group == group and t.name in results]
         out[group] = float(np.mean(values)) if values else None
     out["Average"] = float(np.mean(list(results.values()))) if results else None
-    requested = list(requested) if requested is not None else list(TASKS)
     out["available"] = f"{sum(t.name in results for t in requested)}/{len(requested)}"
     out["missing"] = [t.name for t in requested if t.name not in results]
     return out

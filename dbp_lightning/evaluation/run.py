@@ -63,7 +63,8 @@ def evaluate_task(model, transform: Callable, tokenizer: Callable, task: Task, d
     folder = Path(data_root or "") / task.folder
     use_folder = task.key == "imagenet1k" and imagenet_folder and not folder.is_dir()
     amp = device == "cuda"
-    hf_name = task.key.split("/", 1)[1] if task.kind in ("winogavil", "retrieval") else None
+    # DataComp's retrieval/* and misc/* tasks live in Hugging Face copies named after the key
+    hf_name = task.key.split("/", 1)[1] if "/" in task.key and task.kind in ("winogavil", "retrieval") else None
     hf = load_test_split(data_root, hf_name) if hf_name else None  # DataComp's own source first
     if task.kind == "winogavil":
         if hf is None:
@@ -90,7 +91,9 @@ def evaluate_task(model, transform: Callable, tokenizer: Callable, task: Task, d
         classnames, templates = ds.classes, ds.templates
     model.eval()
     if task.kind == "retrieval":
-        metrics = zeroshot_retrieval.evaluate(model, loader, tokenizer, device, amp=amp, recall_k_list=[1, 5, 10])
+        n_images = len(hf) if hf is not None else _count_images(folder)
+        ks = [k for k in (1, 5, 10) if k <= n_images]  # recall@k needs k images
+        metrics = zeroshot_retrieval.evaluate(model, loader, tokenizer, device, amp=amp, recall_k_list=ks)
         metrics["mean_recall@1"] = 0.5 * (metrics["image_retrieval_recall@1"] + metrics["text_retrieval_recall@1"])
     elif task.kind in ("wilds", "fairness"):
         classifier = zeroshot_classification.zero_shot_classifier(model, tokenizer, classnames, templates,
@@ -121,6 +124,19 @@ def _metadata(folder: Path, batch_size: int, num_workers: int) -> tuple[torch.Te
         labels.append(torch.as_tensor(cls))
         metadata.append(torch.as_tensor(np.asarray(npy)))
     return torch.cat(labels), torch.cat(metadata)
+
+
+def _count_images(folder: Path) -> int:
+    """Images in a task's test shards, from the tar headers alone."""
+    import tarfile
+
+    n = int((folder / "test" / "nshards.txt").read_text())
+    exts = (".webp", ".png", ".jpg", ".jpeg")
+    total = 0
+    for i in range(n):
+        with tarfile.open(folder / "test" / f"{i}.tar") as tar:
+            total += sum(m.name.lower().endswith(exts) for m in tar.getmembers())
+    return total
 
 
 def _all_shards(src):
