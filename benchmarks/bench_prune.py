@@ -225,8 +225,8 @@ def main() -> None:
     print(f"\npool: {args.n:,} x {args.dim} float32 ({emb_mb:.0f} MiB), "
           f"{int((group >= 0).sum()):,} rows in planted near-duplicate groups; eps = {EPS}, "
           f"DBP k = {DBP_K} keeps {args.keep:.0%} of the dedup survivors\n")
-    print(f"| stage | ours s | baseline s | speed-up | ours peak RSS MiB | baseline peak RSS MiB |")
-    print(f"|---|---:|---:|---:|---:|---:|")
+    print("| stage | ours s | baseline s | speed-up | ours peak RSS MiB | baseline peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|")
     for stage in results["ours"]["stages"]:
         (to, ro), (tb, rb) = results["ours"]["stages"][stage], results["baseline"]["stages"][stage]
         print(f"| {stage} | {to:.1f} | {tb:.1f} | {tb / max(to, 1e-9):.1f}x | {ro:.0f} | {rb:.0f} |")
@@ -240,7 +240,7 @@ def main() -> None:
     size = surv["ours"][1]
     removed = {s: size - surv[s][0] for s in saved}
     agree = np.minimum(removed["ours"], removed["baseline"]).sum() / max(np.maximum(removed["ours"], removed["baseline"]).sum(), 1)
-    print(f"\n| quality | ours | baseline |\n|---|---:|---:|")
+    print("\n| quality | ours | baseline |\n|---|---:|---:|")
     print(f"| planted duplicates removed (of {int((size - 1).sum()):,}) | "
           f"{int(removed['ours'].sum()):,} | {int(removed['baseline'].sum()):,} |")
     print(f"| planted groups left with exactly one member | {(surv['ours'][0] == 1).mean():.4f} | "

@@ -7,10 +7,9 @@ of samples seen, evaluates both zero-shot on the held-out sets, and prints a tab
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 

@@ -12,7 +12,6 @@ When every rank has finished, rank 0 checks keys across shards and writes ``mani
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections import Counter
 from pathlib import Path

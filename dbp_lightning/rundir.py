@@ -8,7 +8,6 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from . import __version__, plots
 from .atomic import write_json, write_npy, write_parquet

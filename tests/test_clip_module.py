@@ -1,4 +1,3 @@
-import math
 import os
 
 import lightning as L
@@ -10,7 +9,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from dbp_lightning.clip_module import CLIPModule, cosine_with_warmup, no_weight_decay
+from dbp_lightning.clip_module import CLIPModule, cosine_with_warmup
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
 

@@ -1,8 +1,5 @@
 import json
-import xml.etree.ElementTree as ET
 
-import numpy as np
-import pytest
 import webdataset as wds
 
 from dbp_lightning.data.demo import DemoSpec, build_demo, clipart_caption, emoji_name

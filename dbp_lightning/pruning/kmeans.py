@@ -121,23 +121,23 @@ def spherical_kmeans(x, k: int, niter: int = 100, seed: int = 0, sample: int | N
     xt = emb.rows(0, emb.n) if train_rows is None else emb.take(train_rows)
     gpu_on = use_gpu(gpu)
 
-    def run(iters: int, init: np.ndarray | None):
+    def run(iters: int, init: np.ndarray | None, train: np.ndarray):
         # max_points_per_centroid above the sample keeps faiss from subsampling again.
         km = faiss.Kmeans(emb.d, k, niter=iters, seed=seed, spherical=True, gpu=gpu_on,
                           max_points_per_centroid=n_train // k + 1, min_points_per_centroid=1,
                           verbose=False)
-        km.train(xt, init_centroids=init)
+        km.train(train, init_centroids=init)
         return km.centroids, km.obj
 
     if tol is None:
-        centroids, _ = run(niter, None)
+        centroids, _ = run(niter, None, xt)
         done = niter
     else:
         centroids, done, bar = None, 0, tqdm(total=niter, disable=not progress, desc="k-means",
                                              unit="iter", leave=False)
         while done < niter:
             step = min(_CHECK_EVERY, niter - done)
-            centroids, obj = run(step, centroids)
+            centroids, obj = run(step, centroids, xt)
             done += step
             bar.update(step)
             # no objective history: faiss did not iterate (k == number of training points)
