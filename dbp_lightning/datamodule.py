@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -234,7 +235,10 @@ class DBPDataModule(L.LightningDataModule):
         if n == 0:
             raise ValueError(f"rank {per_rank.index(0)} gets no full batch of {self.batch_size}: "
                              "use a smaller batch_size, fewer workers, or reshard=True")
-        return loader.with_epoch(n).with_length(n)
+        with warnings.catch_warnings():
+            # webdataset warns that with_length does not bound the epoch; with_epoch does that
+            warnings.filterwarnings("ignore", message=r".with_length\(\) only sets the value")
+            return loader.with_epoch(n).with_length(n)
 
     def val_dataloader(self):
         if not self.val_shards:
