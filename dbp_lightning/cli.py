@@ -74,14 +74,14 @@ def _synthetic_parser() -> ArgumentParser:
 
 
 def _demo_data_parser() -> ArgumentParser:
+    from .data.demo import DemoSpec
+
     p = ArgumentParser(description="Write the offline demo pool (openmoji, openclipart) as WebDataset "
                        "shards and held-out evaluation sets (Fashion-MNIST, clip-art categories, "
                        "caption retrieval) in clip_benchmark's layout.")
     p.add_argument("--out", type=str, default="runs/demo_data")
-    p.add_argument("--size", type=int, default=64, help="rendered image side, pixels")
-    p.add_argument("--eval_fraction", type=float, default=0.1)
-    p.add_argument("--max_per_source", type=Optional[int], default=None)
     p.add_argument("--workers", type=int, default=2)
+    p.add_class_arguments(DemoSpec, nested_key=None)
     return p
 
 
@@ -112,10 +112,14 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _dataclass(cls, ns):
+    """An instance of the dataclass ``cls`` from the (instantiated) namespace of its flags."""
+    return cls(**{name: ns[name] for name in cls.__dataclass_fields__})
+
+
 def prune_config(parser: ArgumentParser, cfg) -> PruneConfig:
     """The :class:`PruneConfig` of parsed ``prune`` arguments (YAML and flags merged)."""
-    ns = parser.instantiate(cfg).prune
-    return PruneConfig(**{name: ns[name] for name in PruneConfig.__dataclass_fields__})
+    return _dataclass(PruneConfig, parser.instantiate(cfg).prune)
 
 
 def run_prune(config: PruneConfig) -> int:
@@ -188,11 +192,7 @@ def run_eval(args) -> int:
 def run_demo_data(args) -> int:
     from .data.demo import DemoSpec, build_demo
 
-    if not 0 <= args.eval_fraction < 1:
-        raise ValueError(f"--eval_fraction must be in [0, 1), got {args.eval_fraction}")
-    report = build_demo(args.out, DemoSpec(size=args.size, eval_fraction=args.eval_fraction,
-                                           max_per_source=args.max_per_source),
-                        workers=args.workers, progress=True)
+    report = build_demo(args.out, _dataclass(DemoSpec, args), workers=args.workers, progress=True)
     for source, counts in report["sources"].items():
         print(f"{source:<14}{', '.join(f'{k} {v:,}' for k, v in counts.items())}")
     for source, how in report["left_out"].items():
@@ -241,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.command == "demo":
             from .demo import DemoConfig, format_demo_table, run_demo
 
-            ns = parser.instantiate(cfg).demo
-            summary = run_demo(DemoConfig(**{f: ns[f] for f in DemoConfig.__dataclass_fields__}))
+            summary = run_demo(_dataclass(DemoConfig, parser.instantiate(cfg).demo))
             print(format_demo_table(summary["results"]))
             print(f"-> {summary['config']['out']}/demo_results.md")
             return 0
@@ -253,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.command == "data" and cfg.data.kind == "synthetic":
             return run_synthetic(cfg.data.synthetic)
         if cfg.command == "data" and cfg.data.kind == "demo":
-            return run_demo_data(cfg.data.demo)
+            return run_demo_data(parser.instantiate(cfg).data.demo)
     except ValueError as exc:  # bad input: one clear line, no traceback
         print(f"dbp-lightning {cfg.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -34,6 +34,11 @@ from .data.shards import decode_caption, decode_image, expand_shards, sample_id,
 from .encoders import EncoderConfig
 
 
+def _with_id(sample: dict) -> dict:
+    sample["__id__"] = sample_id(sample)
+    return sample
+
+
 def _every_nth(src, start: int, step: int):
     """webdataset node splitter: shards start, start + step, ... (picklable for workers)."""
     return itertools.islice(src, start, None, step)
@@ -112,7 +117,7 @@ class DBPDataModule(L.LightningDataModule):
         self._kept_per_shard: dict[str, int] = {}
 
     # ------------------------------------------------------------------ cache paths
-    @property
+    @functools.cached_property
     def store_dir(self) -> Path:
         from .rundir import versions
 
@@ -121,9 +126,9 @@ class DBPDataModule(L.LightningDataModule):
                        "dtype": self.embed_dtype, "versions": versions()})
         return self.cache_dir / f"embeddings-{key}"
 
-    @property
+    @functools.cached_property
     def prune_dir(self) -> Path:
-        config = dataclasses.replace(self.prune_config, input="-", output="-").to_dict()
+        config = self.prune_config.to_dict()  # input/output are "-": the key sees only the stages
         return self.cache_dir / f"prune-{_digest({'store': self.store_dir.name, 'prune': config})}"
 
     def _world(self) -> tuple[int, int]:
@@ -195,8 +200,9 @@ class DBPDataModule(L.LightningDataModule):
                             nodesplitter=functools.partial(_every_nth, start=rank, step=world),
                             workersplitter=wds.split_by_worker, empty_check=False,
                             handler=wds.warn_and_continue)
+        ds = ds.map(_with_id)  # parse the json once per sample, for the filter and the batch
         if keep is not None:
-            ds = ds.select(lambda s: sample_id(s) in keep)
+            ds = ds.select(lambda s: s["__id__"] in keep)
         return (ds.map(self._to_example).select(lambda e: e is not None)
                   .batched(self.batch_size, partial=world == 1))
 
@@ -205,7 +211,7 @@ class DBPDataModule(L.LightningDataModule):
         if image is None or caption is None:
             return None  # the embedder skipped and counted it too
         text = self.tokenizer([caption])[0] if self.tokenizer is not None else caption
-        return self.image_transform(image), text, sample_id(sample)
+        return self.image_transform(image), text, sample["__id__"]
 
     def batches_per_rank(self, world_size: int) -> list[int]:
         """Batches each rank's workers produce from the selection, split as the stream splits

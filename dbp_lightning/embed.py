@@ -153,11 +153,10 @@ class ShardWriter(BasePredictionWriter):
 
     def _write_shard(self, chunks: list[dict]) -> None:
         name = chunks[0]["shard"]
-        emb = np.concatenate([c["embeddings"] for c in chunks if len(c["keys"])] or
-                             [chunks[0]["embeddings"]]).astype(self.dtype)
+        emb = np.concatenate([c["embeddings"] for c in chunks]).astype(self.dtype)
         columns = {"key": sum((c["keys"] for c in chunks), []), "uid": sum((c["uids"] for c in chunks), [])}
         if chunks[0]["clip_score"] is not None:
-            columns["clip_score"] = np.concatenate([c["clip_score"] for c in chunks]).astype(np.float32)[: len(emb)]
+            columns["clip_score"] = np.concatenate([c["clip_score"] for c in chunks]).astype(np.float32)
         for field in chunks[0]["fields"]:
             columns[field] = pa.array(sum((c["fields"][field] for c in chunks), []), pa.float32())
         write_npy(self.out_dir / f"{name}.npy", emb)

@@ -63,6 +63,12 @@ class DemoSpec:
     max_per_source: Optional[int] = None  #: cap per source (tests, quick looks)
     seed: int = 0                   #: salts the hold-out hash
 
+    def __post_init__(self):
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.size < 8 or self.shard_size < 1:
+            raise ValueError("size must be >= 8 and shard_size >= 1")
+
 
 def emoji_name(stem: str) -> Optional[str]:
     """The Unicode name of an openmoji file stem (``1F44B-1F3FD``), or None (OpenMoji extras)."""

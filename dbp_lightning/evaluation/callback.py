@@ -62,8 +62,7 @@ class ZeroShotCallback(L.Callback):
             metrics = {f"zeroshot/{r['dataset']}": r["metrics"]["main_metric"] for r in rows if r["status"] == "ok"}
             metrics.update({f"zeroshot/{g}": v for g, v in summary.items()
                             if g in ("ImageNet", "ImageNet dist. shifts", "VTAB", "Retrieval", "Average") and v is not None})
-            done, total = summary["available"].split("/")
-            metrics["zeroshot/tasks_available"] = int(done)
+            metrics["zeroshot/tasks_available"] = int(summary["available"].split("/")[0])
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
             self.last = (rows, summary)
