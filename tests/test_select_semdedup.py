@@ -136,3 +136,33 @@ def test_several_partitions_match_definition_and_keep_a_member_of_every_group(rn
     assert (duplicate_similarity(x2, split, sim) <= 0.95).all()
     both = duplicate_similarity(x2, [split, np.zeros(len(x2), int)], sim)
     assert (both > 0.95).sum() == 10
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 120), st.integers(1, 3), st.integers(1, 40), st.booleans(), st.integers(0, 2**31))
+def test_partner_is_an_earlier_member_of_a_shared_cluster_giving_the_max(n, parts, block, copies, seed):
+    rng = np.random.default_rng(seed)
+    x = unit_rows(rng, n, 4)
+    if copies:  # exact copies: tied maxima
+        x[n // 2:] = x[: n - n // 2]
+    partitions = [rng.integers(0, 1 + int(rng.integers(0, 6)), n) for _ in range(parts)]
+    key = rng.uniform(0, 1, n)
+    got, partner = duplicate_similarity(x, partitions if parts > 1 else partitions[0], key,
+                                        block_size=block, return_partner=True)
+    assert partner.dtype == np.int64 and partner.shape == (n,)
+    rank = np.empty(n, int)
+    rank[np.lexsort((key,))] = np.arange(n)
+    full = x @ x.T
+    for j in range(n):
+        earlier = (rank < rank[j]) & np.any([a == a[j] for a in partitions], axis=0)
+        if not earlier.any():
+            assert partner[j] == -1 and got[j] == -1.0
+            continue
+        p = partner[j]
+        assert p >= 0 and earlier[p]                        # ranked before j, a shared cluster
+        assert abs(full[j, p] - full[j, earlier].max()) < 1e-5  # it achieves the maximum
+        assert abs(got[j] - full[j, p]) < 1e-5
+    # the default return value is unchanged
+    np.testing.assert_array_equal(duplicate_similarity(x, partitions[0], key, block_size=block),
+                                  duplicate_similarity(x, partitions[0], key, block_size=block,
+                                                       return_partner=True)[0])

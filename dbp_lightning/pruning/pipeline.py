@@ -36,7 +36,8 @@ class PruneResult:
 
     Attributes:
         selection: one row per input sample (columns listed in the README): key, uid (if known), the dedup
-            partition and duplicate similarity, clip_score, the selector's cluster and
+            partition, duplicate similarity and ``dup_of`` (key of the earlier-ranked member giving
+            it; null for none), clip_score, the selector's cluster and
             similarity to centroid, one ``*_kept`` column per stage, and ``kept``.
         clusters: one row per selector cluster (dbp, ssp): size, d_intra, d_inter,
             complexity, p, quota, kept; ``None`` for random or no selector.
@@ -160,11 +161,14 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
         d, t0 = config.semdedup, time.perf_counter()
         parts = [spherical_kmeans(emb, d.k, niter=d.niter, seed=config.seed + p, sample=d.sample,
                                   gpu=gpu, progress=progress) for p in range(d.passes)]
-        dup_sim = duplicate_similarity(emb, [p.assignment for p in parts], parts[0].similarity,
-                                       d.block_size, progress)
+        dup_sim, partner = duplicate_similarity(emb, [p.assignment for p in parts],
+                                                parts[0].similarity, d.block_size, progress,
+                                                return_partner=True)
         threshold = 1.0 - d.eps if d.eps is not None else threshold_for_fraction(dup_sim, d.target_fraction)
         cols["dedup_cluster"] = parts[0].assignment.astype(np.int32)
         cols["dup_sim"] = dup_sim
+        # the key, not the row, so the column still means something in a filtered selection
+        cols["dup_of"] = pa.array(cols["key"][np.maximum(partner, 0)], mask=partner < 0)
         cols["dedup_kept"] = dup_sim <= threshold
         alive &= cols["dedup_kept"]
         record("semdedup", t0, n, eps=round(1.0 - threshold, 6), k=d.k, passes=d.passes,

@@ -31,8 +31,8 @@ from .groups import cluster_index
 NO_EARLIER = -1.0
 
 
-def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray,
-                         block_size: int = 4096, progress: bool = False) -> np.ndarray:
+def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size: int = 4096,
+                         progress: bool = False, return_partner: bool = False):
     """Each row's largest cosine similarity to a member of its cluster ranked before it.
 
     Args:
@@ -43,36 +43,56 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray,
             ranking key, least similar first, ties by row.
         block_size: rows per similarity block; at most block_size**2 similarities exist at once,
             never a full M x M matrix for a cluster larger than the block.
+        return_partner: also return each row's *partner*, the earlier-ranked member that gives
+            its duplicate similarity.
 
     Returns:
-        float32 (N,), in [-1, 1]; ``NO_EARLIER`` (-1.0) for each cluster's first member.
+        float32 (N,), in [-1, 1]; ``NO_EARLIER`` (-1.0) for each cluster's first member. With
+        ``return_partner``, a tuple (that array, int64 (N,) partner row, -1 where no member is
+        ranked before the row in any partition; ties go to the earliest-ranked member, and across
+        partitions to the first partition giving the maximum).
     """
     emb = as_embeddings(x)
     if not isinstance(assignment, np.ndarray) or assignment.ndim == 2:
-        return np.maximum.reduce([duplicate_similarity(emb, a, sim_to_centroid, block_size, progress)
-                                  for a in assignment])
+        per_part = [duplicate_similarity(emb, a, sim_to_centroid, block_size, progress, True)
+                    for a in assignment]
+        sims = np.stack([s for s, _ in per_part])
+        best = sims.argmax(axis=0)  # first partition on ties
+        cols = np.arange(sims.shape[1])
+        out = sims[best, cols]
+        partner = np.stack([p for _, p in per_part])[best, cols]
+        return (out, partner) if return_partner else out
     if len(assignment) != emb.n:
         raise ValueError(f"assignment has {len(assignment)} rows, embeddings have {emb.n}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     index = cluster_index(assignment, sim_to_centroid)
     out = np.full(emb.n, NO_EARLIER, np.float32)
+    partner = np.full(emb.n, -1, np.int64)
+    # -inf, not NO_EARLIER, masks the diagonal block so that an earlier member at exactly -1.0
+    # still counts as a partner; the returned values are clipped to NO_EARLIER as before
     later = np.tril(np.ones((block_size, block_size), bool), k=-1)  # [j, i]: i ranked before j
     sizes = index.sizes
     for c in tqdm(np.flatnonzero(sizes > 1), disable=not progress, desc="semdedup",
                   unit="cluster", leave=False):
         rows = index.members(c)
         xc = emb.take(rows)  # the cluster's rows: memory grows with the largest cluster
-        best = np.full(len(rows), NO_EARLIER, np.float32)
+        best = np.full(len(rows), -np.inf, np.float32)
+        arg = np.full(len(rows), -1, np.int64)  # position in ``rows``
         for js in range(0, len(rows), block_size):
             xj = xc[js : js + block_size]
+            bj, aj = best[js : js + len(xj)], arg[js : js + len(xj)]  # views
             for is_ in range(0, js + len(xj), block_size):
                 sims = xj @ xc[is_ : is_ + block_size].T
                 if is_ == js:  # diagonal block: only members ranked strictly before count
-                    sims = np.where(later[: len(xj), : len(xj)], sims, NO_EARLIER)
-                np.maximum(best[js : js + len(xj)], sims.max(axis=1), out=best[js : js + len(xj)])
-        out[rows] = best
-    return out
+                    sims = np.where(later[: len(xj), : len(xj)], sims, -np.inf)
+                col = sims.argmax(axis=1)  # earliest-ranked on ties
+                top = sims[np.arange(len(xj)), col]
+                better = top > bj  # strict: an earlier block keeps its tie
+                bj[better], aj[better] = top[better], is_ + col[better]
+        out[rows] = np.maximum(best, NO_EARLIER)
+        partner[rows] = np.where(arg >= 0, rows[np.maximum(arg, 0)], -1)
+    return (out, partner) if return_partner else out
 
 
 def threshold_for_fraction(dup_sim: np.ndarray, target_fraction: float) -> float:
