@@ -5,6 +5,8 @@ Subcommands:
     embed            embed WebDataset shards into an embedding store (resumable)
     eval             zero-shot evaluation of a checkpoint on ImageNet / DataComp tasks
     prune            run the pruning stages on an embedding store (YAML config + flags)
+    compare          one model per subset (full, random, SSP, DBP, ...) at an equal budget
+    demo             the offline demo: data, embed, prune, train full vs DBP, evaluate, report
     data synthetic   write a synthetic clustered pool with planted duplicates as a store
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -85,12 +88,27 @@ def _demo_data_parser() -> ArgumentParser:
     return p
 
 
+def _compare_parser() -> ArgumentParser:
+    from .compare import CompareConfig
+
+    p = ArgumentParser(description="Train one model per subset of a pool (full, semdedup, clip_score, "
+                       "random, ssp, dbp) and seed at an equal budget, evaluate zero-shot, write "
+                       "compare_results.{md,csv,json} and compare.png. Finished runs are reused.")
+    p.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/compare/*.yaml)")
+    p.add_class_arguments(CompareConfig, nested_key=None, fail_untyped=True)
+    p.add_argument("--only", type=Optional[list[str]], default=None,
+                   help="run only these subsets (names as in the table: full, dbp-0.5, ...)")
+    p.add_argument("--collect", type=bool, default=False,
+                   help="run nothing: build the table from the runs that have finished")
+    return p
+
+
 def _demo_parser() -> ArgumentParser:
     from .demo import DemoConfig
 
     p = ArgumentParser(description="The offline demo: build the data, embed, prune (SemDeDup -> DBP), "
-                       "train a small CLIP on the pruned and the full pool for the same samples seen, "
-                       "evaluate both zero-shot, print the table.")
+                       "train a CLIP on the pruned and the full pool for the same samples seen, "
+                       "evaluate both zero-shot, write report.html, print the table.")
     p.add_argument("--config", action=ActionConfigFile)
     p.add_class_arguments(DemoConfig, nested_key=None)
     return p
@@ -103,6 +121,7 @@ def build_parser() -> ArgumentParser:
     commands.add_subcommand("embed", _embed_parser(), help="embed shards into an embedding store")
     commands.add_subcommand("prune", _prune_parser(), help="prune a pool into a run directory")
     commands.add_subcommand("eval", _eval_parser(), help="zero-shot evaluation")
+    commands.add_subcommand("compare", _compare_parser(), help="compare subsets at an equal budget")
     commands.add_subcommand("demo", _demo_parser(), help="the offline demo, end to end")
     data = ArgumentParser(description="make datasets")
     commands.add_subcommand("data", data, help="make datasets")
@@ -189,6 +208,20 @@ def run_eval(args) -> int:
     return 0
 
 
+def run_compare_command(args) -> int:
+    from .compare import CompareConfig, collect, run_compare, write_outputs
+
+    config = _dataclass(CompareConfig, args).validate()
+    if not args.collect:
+        run_compare(config, only=args.only)
+    results, summary = collect(config)
+    table = write_outputs(config, results, summary)
+    print(table.read_text(), end="")
+    expected = len(config.subsets) * len(config.seeds)
+    print(f"{len(results)}/{expected} runs finished -> {table}")
+    return 0
+
+
 def run_demo_data(args) -> int:
     from .data.demo import DemoSpec, build_demo
 
@@ -238,12 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if cfg.command == "prune":
             return run_prune(prune_config(parser, cfg))
+        if cfg.command == "compare":
+            return run_compare_command(parser.instantiate(cfg).compare)
         if cfg.command == "demo":
-            from .demo import DemoConfig, format_demo_table, run_demo
+            from .demo import DemoConfig, run_demo
 
-            summary = run_demo(_dataclass(DemoConfig, parser.instantiate(cfg).demo))
-            print(format_demo_table(summary["results"]))
-            print(f"-> {summary['config']['out']}/demo_results.md")
+            done = run_demo(_dataclass(DemoConfig, parser.instantiate(cfg).demo))
+            print(Path(done["table"]).read_text(), end="")
+            print(f"table -> {done['table']}\nreport -> {done['report']}")
             return 0
         if cfg.command == "eval":
             return run_eval(cfg.eval)

@@ -4,30 +4,27 @@
 ``setup`` (every process) loads the selection; ``train_dataloader`` streams the source shards
 in order and skips the samples the selection dropped, so no resharding is needed.
 
-Cache layout under ``cache_dir``: ``embeddings-<hash>/`` (an embedding store, keyed by the
-shards' names, sizes and mtimes and the encoder config) and ``prune-<hash>/`` (a prune run
-directory, keyed by the store and the pruning config). A directory with its manifest is
-complete and reused; a killed run resumes shard by shard.
+The cache under ``cache_dir`` (an embedding store and a prune run directory, each reused when
+complete) is described in ``cache.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import itertools
 import json
 import math
-import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import lightning as L
 import numpy as np
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from . import cache
 from .config import PruneConfig
 from .data.reshard import reshard
 from .data.shards import decode_caption, decode_image, expand_shards, sample_id, shard_name
@@ -42,22 +39,6 @@ def _with_id(sample: dict) -> dict:
 def _every_nth(src, start: int, step: int):
     """webdataset node splitter: shards start, start + step, ... (picklable for workers)."""
     return itertools.islice(src, start, None, step)
-
-
-def _file_stamp(path: Optional[str]):
-    """(path, bytes, mtime_ns) of a weights or config file, so replacing it invalidates the cache."""
-    if path and os.path.exists(path):
-        return (path, os.path.getsize(path), os.stat(path).st_mtime_ns)
-    return path
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def shards_fingerprint(paths: list[str]) -> list[tuple]:
-    """(name, bytes, mtime_ns) per shard: what the cache key sees of the input."""
-    return [(shard_name(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
 
 
 def default_image_transform():
@@ -119,17 +100,11 @@ class DBPDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ cache paths
     @functools.cached_property
     def store_dir(self) -> Path:
-        from .rundir import versions
-
-        key = _digest({"shards": shards_fingerprint(self.shards), "encoder": vars(self.encoder),
-                       "files": [_file_stamp(self.encoder.checkpoint), _file_stamp(self.encoder.model)],
-                       "dtype": self.embed_dtype, "versions": versions()})
-        return self.cache_dir / f"embeddings-{key}"
+        return cache.store_dir(self.cache_dir, self.shards, self.encoder, self.embed_dtype)
 
     @functools.cached_property
     def prune_dir(self) -> Path:
-        config = self.prune_config.to_dict()  # input/output are "-": the key sees only the stages
-        return self.cache_dir / f"prune-{_digest({'store': self.store_dir.name, 'prune': config})}"
+        return cache.prune_dir(self.cache_dir, self.store_dir, self.prune_config)
 
     def _world(self) -> tuple[int, int]:
         """(rank, world size) of the Trainer this module feeds; (0, 1) without one."""
@@ -149,19 +124,9 @@ class DBPDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
         """Embed and prune (once per node), unless the cache has both complete."""
-        from .embed import embed_shards
-        from .pruning.pipeline import load_input, prune
-        from .rundir import write_run
-
-        if not (self.store_dir / "manifest.json").is_file():
-            embed_shards(self.shards, str(self.store_dir), self.encoder, self.embed_batch_size,
-                         min(self.num_workers, 2), self.embed_dtype,
-                         trainer_kwargs={"devices": 1})
-        if not (self.prune_dir / "manifest.json").is_file():
-            config = dataclasses.replace(self.prune_config, input=str(self.store_dir), output=str(self.prune_dir))
-            emb, metadata, input_id = load_input(config)
-            result = prune(emb, config, metadata=metadata, progress=True)
-            write_run(result, self.prune_dir, config.to_dict(), input_id)
+        cache.ensure_store(self.cache_dir, self.shards, self.encoder, self.embed_dtype,
+                           self.embed_batch_size, min(self.num_workers, 2))
+        cache.ensure_pruned(self.cache_dir, self.store_dir, self.prune_config)
         if self.reshard:
             self._load_selection()
             reshard(self.shards, self._kept_ids, self.reshard_dir, self._reshard_count())

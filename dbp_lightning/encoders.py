@@ -43,6 +43,8 @@ class EncoderConfig:
     model: str = "ViT-B-32"                  #: architecture, model-config JSON, or model directory
     checkpoint: Optional[str] = None         #: local weights file (None: random for open_clip/timm)
     modality: str = "image"                  #: image, text, or both (concatenated, renormalised)
+    image_size: Optional[int] = None         #: input resolution (None: the model's own); small
+                                             #: images (the demo's 64 px) need no upscaling
 
     def validate(self) -> "EncoderConfig":
         if self.kind not in KINDS:
@@ -52,6 +54,9 @@ class EncoderConfig:
         text_only, image_only = self.kind == "sentence_transformers", self.kind in ("efficientnet_lite0", "timm")
         if (text_only and self.modality != "text") or (image_only and self.modality != "image"):
             raise ValueError(f"encoder.modality={self.modality!r} is not available for kind {self.kind!r}")
+        if self.image_size is not None and (self.kind not in ("efficientnet_lite0", "timm") or self.image_size < 32):
+            raise ValueError(f"encoder.image_size: give >= 32, for kind efficientnet_lite0 or timm "
+                             f"(got {self.image_size} for {self.kind!r})")
         if self.checkpoint and not os.path.isfile(self.checkpoint):
             raise ValueError(f"encoder.checkpoint: no file {self.checkpoint}")
         return self
@@ -181,7 +186,8 @@ def _efficientnet_lite0(config: EncoderConfig) -> Encoder:
         return model.extract_features(images).mean(dim=(2, 3))
 
     # EfficientNet-Lite was trained on (x - 127) / 128 inputs
-    transform = _image_transform(224, 256, [0.498] * 3, [0.502] * 3)
+    size = config.image_size or 224
+    transform = _image_transform(size, size if config.image_size else 256, [0.498] * 3, [0.502] * 3)
     return Encoder("image", 1280, transform, None, pooled, None, model)
 
 
@@ -199,6 +205,8 @@ def _timm(config: EncoderConfig) -> Encoder:
             raise ValueError(f"encoder.checkpoint {config.checkpoint}: {len(missing)} weights of "
                              f"{config.model} are missing (first: {missing[0]})")
     data_config = timm.data.resolve_data_config({}, model=model)
+    if config.image_size:
+        data_config.update(input_size=(3, config.image_size, config.image_size), crop_pct=1.0)
     transform = timm.data.create_transform(**data_config)
     model.eval()
     with torch.no_grad():  # num_features is not always the pooled output's width

@@ -68,3 +68,34 @@ def quota_profile(clusters: pa.Table, target: int, path: str | os.PathLike) -> N
     fig.tight_layout()
     _save(fig, Path(path))
     plt.close(fig)
+
+
+def accuracy_vs_cost(summary: list[dict], budget: str, path: str | os.PathLike) -> None:
+    """Paper Fig. 1/3: zero-shot metric against training cost, mean +- std over seeds.
+
+    ``summary``: rows of ``compare.collect`` (metric -> (mean, std)). Equal samples seen: x is
+    the subset's size, the cost being equal; equal epochs: x is the samples seen, the cost.
+    """
+    plt = _pyplot()
+    skip = ("subset", "method", "seeds", "train_pairs", "samples_seen")
+    metrics = ["average"] + [k for k in summary[0] if k not in skip and k != "average"]
+    xkey = "train_pairs" if budget == "samples_seen" else "samples_seen"
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in summary))
+    for ax, metric in zip(axes[0], metrics):
+        for i, method in enumerate(methods):
+            rows = sorted((r for r in summary if r["method"] == method and r[metric] is not None),
+                          key=lambda r: r[xkey])
+            if not rows:
+                continue
+            ax.errorbar([r[xkey] for r in rows], [r[metric][0] for r in rows],
+                        yerr=[r[metric][1] for r in rows], fmt="o-" if len(rows) > 1 else "o",
+                        color=f"C{i}", capsize=3, label=method)
+        ax.set_title(metric, fontsize=10)
+        ax.set_xlabel("training pairs (equal samples seen)" if xkey == "train_pairs" else "samples seen")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("zero-shot (mean ± std over seeds)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, Path(path))
+    plt.close(fig)

@@ -16,7 +16,7 @@ from .pruning.pipeline import PruneResult
 
 #: what a run writes besides manifest.json; cleared first so no file of an older run survives
 ARTIFACTS = ("selection.parquet", "clusters.parquet", "subset.npy", "report.json",
-             "plots/complexity_scatter.png", "plots/quotas.png")
+             "plots/complexity_scatter.png", "plots/quotas.png", "report.html", "dedup_pairs.csv")
 
 
 def datacomp_subset(uids) -> np.ndarray | None:

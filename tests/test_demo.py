@@ -1,20 +1,25 @@
 import json
+from html.parser import HTMLParser
 
 from dbp_lightning.cli import main
 
 
 def test_demo_end_to_end_on_a_small_pool(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--max_per_source", "40", "--samples_seen", "256",
-                 "--k", "5", "--batch_size", "32", "--num_workers", "1"]) == 0
+    assert main(["demo", "--out", str(out), "--max_per_source", "40", "--passes", "2",
+                 "--k", "5", "--batch_size", "16", "--num_workers", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "| full |" in printed and "| dbp |" in printed
-    summary = json.loads((out / "demo_results.json").read_text())
-    full, dbp = summary["results"]
-    assert full["samples_seen"] == dbp["samples_seen"] == 256  # equal training budget
-    assert dbp["train_samples"] < full["train_samples"] == summary["data"]["train_samples"]
-    stages = [s["stage"] for s in dbp["prune_report"]["stages"]]
-    assert stages == ["semdedup", "dbp"]
+    assert "| full |" in printed and "| dbp-0.5 |" in printed and "report.html" in printed
+    results = json.loads((out / "compare_results.json").read_text())
+    runs = {r["subset"]: r for r in results["runs"]}
+    full, dbp = runs["full"], runs["dbp-0.5"]
+    pool = json.loads((out / "data" / "demo_data.json").read_text())["train_samples"]
+    assert full["samples_seen"] == dbp["samples_seen"] >= 2 * pool - 16  # equal training budget
+    assert full["train_pairs"] == pool and dbp["train_pairs"] == round(0.5 * pool)
+    assert [s["stage"] for s in dbp["prune_report"]["stages"]] == ["semdedup", "dbp"]
     for r in (full, dbp):
-        assert r["available"] == "3/3" or r["available"] == "2/3"  # clip art needs Debian's package
+        assert r["available"] in ("3/3", "2/3")  # clip-art categories need Debian's package
         assert all(v is None or 0.0 <= v <= 1.0 for v in r["metrics"].values())
+    html = (out / "report.html").read_text()
+    HTMLParser().feed(html)
+    assert html.count("<img") >= 10 and 'src="http' not in html

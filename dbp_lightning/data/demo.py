@@ -152,13 +152,18 @@ def fashion_mnist_test(counts: dict, root: Optional[str] = None):
 
 
 def render(path: str, size: int) -> Optional[bytes]:
-    """PNG bytes of an SVG at size x size on white; None when the SVG does not render."""
+    """PNG bytes of an SVG at size x size on white; None when the SVG does not render, or
+    renders as one flat colour (content cairosvg cannot draw: a blank picture with a real
+    caption would only teach noise, and SemDeDup would collapse all of them into one)."""
     import cairosvg
+    from PIL import Image
 
     try:
-        return cairosvg.svg2png(url=path, output_width=size, output_height=size, background_color="white")
+        png = cairosvg.svg2png(url=path, output_width=size, output_height=size, background_color="white")
     except Exception:  # cairosvg raises many kinds for broken or exotic SVGs
         return None
+    lo, hi = zip(*Image.open(io.BytesIO(png)).convert("RGB").getextrema())
+    return png if any(h > l for l, h in zip(lo, hi)) else None
 
 
 def _held_out(item: Item, spec: DemoSpec) -> bool:
@@ -222,7 +227,7 @@ def build_demo(out: str | os.PathLike, spec: DemoSpec = DemoSpec(), workers: int
     train, eval_pairs, eval_clipart = [], [], []
     for item, png in zip(items, pngs):
         if png is None:
-            counts[item.source]["unrenderable"] += 1
+            counts[item.source]["unrenderable_or_blank"] += 1
             continue
         sample = {"__key__": item.uid, "png": png, "txt": item.caption.encode(),
                   "json": json.dumps({"uid": item.uid, "source": item.source, "category": item.category,

@@ -72,23 +72,32 @@ TASKS: tuple[Task, ...] = (
 )
 assert len(TASKS) == 38
 
-BY_KEY = {t.key: t for t in TASKS}
+#: the held-out sets ``dbp-lightning data demo`` writes (``data/demo.py``)
+DEMO_TASKS = (
+    _t("demo-fashion_mnist", "Fashion-MNIST", "Demo"),
+    _t("demo-clipart_categories", "Clip-art categories", "Demo", "mean_per_class_recall"),
+    _t("demo-retrieval", "Caption retrieval", "Demo", "mean_recall@1", "retrieval"),
+)
+
+BY_KEY = {t.key: t for t in TASKS + DEMO_TASKS}
 BY_NAME = {t.name: t for t in TASKS}
 
 
 def select_tasks(spec: str | list[str]) -> list[Task]:
     """Tasks from a comma-separated list or a list of keys, with the shorthands ``imagenet``
-    (ImageNet-1k) and ``datacomp38`` (all 38). Unknown keys raise ValueError naming them."""
+    (ImageNet-1k), ``datacomp38`` (all 38) and ``demo`` (the demo's held-out sets). Unknown keys raise ValueError naming them."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     out: list[Task] = []
     for name in (n.strip() for n in names if n.strip()):
         if name == "datacomp38":
             out += TASKS
+        elif name == "demo":
+            out += DEMO_TASKS
         elif name == "imagenet":
             out.append(BY_KEY["imagenet1k"])
         elif name in BY_KEY:
             out.append(BY_KEY[name])
         else:
-            raise ValueError(f"tasks: unknown task {name!r}; use imagenet, datacomp38 or a DataComp key "
-                             f"such as vtab/cifar100")
+            raise ValueError(f"tasks: unknown task {name!r}; use imagenet, datacomp38, demo or a "
+                             f"DataComp key such as vtab/cifar100")
     return list(dict.fromkeys(out))

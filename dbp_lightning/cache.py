@@ -1,0 +1,82 @@
+"""The embedding and prune cache shared by ``DBPDataModule``, ``compare`` and ``demo``.
+
+``<cache_dir>/embeddings-<hash>/``: an embedding store, keyed by the shards' names, sizes and
+mtimes, the encoder config (and its weights file), the dtype and the package versions.
+``<cache_dir>/prune-<hash>/``: a prune run directory, keyed by the store and the prune config.
+A directory with its ``manifest.json`` is complete and reused; a killed embedding resumes shard
+by shard, a killed prune starts again (it is the cheap part).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import PruneConfig
+from .data.shards import shard_name
+from .encoders import EncoderConfig
+
+
+def _file_stamp(path: Optional[str]):
+    """(path, bytes, mtime_ns) of a weights or config file, so replacing it invalidates the cache."""
+    if path and os.path.exists(path):
+        return (path, os.path.getsize(path), os.stat(path).st_mtime_ns)
+    return path
+
+
+def digest(obj: Any) -> str:
+    """16 hex digits of the sha256 of ``obj`` as sorted JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def shards_fingerprint(paths: list[str]) -> list[tuple]:
+    """(name, bytes, mtime_ns) per shard: what the cache key sees of the input."""
+    return [(shard_name(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
+
+
+def store_dir(cache_dir: str | os.PathLike, shards: list[str], encoder: EncoderConfig,
+              dtype: str) -> Path:
+    """Where the store of ``shards`` embedded by ``encoder`` lives (whether or not it exists)."""
+    from .rundir import versions
+
+    key = digest({"shards": shards_fingerprint(shards), "encoder": vars(encoder),
+                  "files": [_file_stamp(encoder.checkpoint), _file_stamp(encoder.model)],
+                  "dtype": dtype, "versions": versions()})
+    return Path(cache_dir) / f"embeddings-{key}"
+
+
+def prune_dir(cache_dir: str | os.PathLike, store: Path, config: PruneConfig) -> Path:
+    """Where the prune run of ``store`` under ``config`` lives (input/output do not count)."""
+    stages = dataclasses.replace(config, input="-", output="-").to_dict()
+    return Path(cache_dir) / f"prune-{digest({'store': store.name, 'prune': stages})}"
+
+
+def ensure_store(cache_dir: str | os.PathLike, shards: list[str], encoder: EncoderConfig,
+                 dtype: str = "float16", batch_size: int = 256, num_workers: int = 2) -> Path:
+    """The complete store of ``shards`` under ``encoder``, embedding (or resuming) it if needed."""
+    from .embed import embed_shards
+
+    out = store_dir(cache_dir, shards, encoder, dtype)
+    if not (out / "manifest.json").is_file():
+        embed_shards(shards, str(out), encoder, batch_size, num_workers, dtype,
+                     trainer_kwargs={"devices": 1})
+    return out
+
+
+def ensure_pruned(cache_dir: str | os.PathLike, store: Path, config: PruneConfig,
+                  progress: bool = True) -> Path:
+    """The complete prune run of ``store`` under ``config``, running it if needed."""
+    from .pruning.pipeline import load_input, prune
+    from .rundir import write_run
+
+    out = prune_dir(cache_dir, store, config)
+    if not (out / "manifest.json").is_file():
+        config = dataclasses.replace(config, input=str(store), output=str(out))
+        emb, metadata, input_id = load_input(config)
+        result = prune(emb, config, metadata=metadata, progress=progress)
+        write_run(result, out, config.to_dict(), input_id)
+    return out

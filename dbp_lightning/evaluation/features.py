@@ -1,0 +1,171 @@
+"""Zero-shot evaluation in the feature space of frozen towers (for :class:`ProjectionCLIP`).
+
+A held-out task is read through clip_benchmark's own dataset builder (the same images, labels,
+class names and templates as ``run.py``), embedded once by the frozen image and text encoders,
+and cached as ``.npz``. A trained model is then evaluated by its heads alone, which costs
+milliseconds. The metrics follow clip_benchmark's definitions: a class embedding is the
+normalised mean of its normalised prompt embeddings; ``mean_per_class_recall`` is balanced
+accuracy; retrieval ``image_retrieval_recall@k`` asks, per caption, whether its image is among
+the k most similar images, ``text_retrieval_recall@k``, per image, whether any of its captions
+is among the k most similar captions. ``tests/test_projection.py`` checks them against
+clip_benchmark's evaluators on the same features.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..cache import digest
+from ..encoders import Encoder, EncoderConfig, build_encoder
+from .aggregate import aggregate
+from .tasks import Task
+
+
+@dataclass
+class TaskFeatures:
+    """One held-out task embedded by the frozen towers.
+
+    Classification: ``image`` float32 (N, d_image), ``labels`` int64 (N,), ``class_text``
+    float32 (C, T, d_text) (C classes x T templates). Retrieval: ``image`` (N, d_image),
+    ``text`` float32 (M, d_text) and ``text_image`` int64 (M,), the image of each caption.
+    """
+
+    kind: str
+    image: np.ndarray
+    labels: np.ndarray | None = None
+    class_text: np.ndarray | None = None
+    text: np.ndarray | None = None
+    text_image: np.ndarray | None = None
+
+    def save(self, path: Path) -> None:
+        from ..atomic import atomic_path
+
+        arrays = {k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, kind=np.array(self.kind), **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> "TaskFeatures":
+        with np.load(path) as z:
+            return cls(kind=str(z["kind"]), **{k: z[k] for k in z.files if k != "kind"})
+
+
+@torch.no_grad()
+def embed_task(task: Task, data_root: str, image_encoder: Encoder, text_encoder: Encoder,
+               batch_size: int = 256) -> TaskFeatures | None:
+    """``task``'s test split embedded by the two encoders; None when its data is absent."""
+    from clip_benchmark.datasets.builder import build_dataset, image_captions_collate_fn
+    from torch.utils.data import DataLoader
+
+    folder = Path(data_root) / task.folder
+    if not (folder / "test" / "nshards.txt").is_file():
+        return None
+    retrieval = task.kind == "retrieval"
+    ds = build_dataset(f"wds/{task.key}", root=str(folder), transform=image_encoder.image_transform,
+                       split="test", download=False,
+                       task="zeroshot_retrieval" if retrieval else "zeroshot_classification")
+
+    def text(captions: list[str]) -> np.ndarray:
+        out = [text_encoder(texts=text_encoder.tokenize(captions[i : i + batch_size]))[0]
+               for i in range(0, len(captions), batch_size)]
+        return torch.cat(out).numpy()
+
+    images, labels, captions, owner = [], [], [], []
+    batched = ds.batched(batch_size, collation_fn=image_captions_collate_fn) if retrieval else ds.batched(batch_size)
+    for x, y in DataLoader(batched, batch_size=None, num_workers=0):
+        first = sum(len(i) for i in images)  # row of this batch's first image
+        images.append(image_encoder(images=x)[0].numpy())
+        if retrieval:
+            for j, caps in enumerate(y):
+                captions += caps
+                owner += [first + j] * len(caps)
+        else:
+            labels.append(np.asarray(y, np.int64))
+    image = np.concatenate(images)
+    if retrieval:
+        return TaskFeatures("retrieval", image, text=text(captions), text_image=np.asarray(owner, np.int64))
+    prompts = [[t.format(c=c) if isinstance(t, str) else t(c) for t in ds.templates] for c in ds.classes]
+    class_text = text([p for ps in prompts for p in ps]).reshape(len(prompts), len(prompts[0]), -1)
+    return TaskFeatures("classification", image, labels=np.concatenate(labels), class_text=class_text)
+
+
+def task_features(cache_dir: str | os.PathLike, data_root: str, tasks: list[Task],
+                  image_encoder: EncoderConfig, text_encoder: EncoderConfig,
+                  batch_size: int = 256) -> dict[str, TaskFeatures]:
+    """Every present task's features, from the cache or embedded now; key: ``task.key``."""
+    from ..rundir import versions
+
+    out, encoders = {}, None
+    for task in tasks:
+        folder = Path(data_root) / task.folder / "test"
+        if not (folder / "nshards.txt").is_file():
+            continue
+        stamp = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir())
+        key = digest({"task": task.key, "files": stamp, "image": vars(image_encoder),
+                      "text": vars(text_encoder), "versions": versions()})
+        path = Path(cache_dir) / f"task-{task.key.replace('/', '_')}-{key}.npz"
+        if not path.is_file():
+            encoders = encoders or (build_encoder(image_encoder), build_encoder(text_encoder))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            embed_task(task, data_root, *encoders, batch_size=batch_size).save(path)
+        out[task.key] = TaskFeatures.load(path)
+    return out
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
+    """acc1, acc5 (with >= 5 classes) and mean_per_class_recall of float (N, C) logits."""
+    pred = logits.argmax(1)
+    out = {"acc1": float((pred == labels).mean()),
+           "mean_per_class_recall": float(np.mean([(pred[labels == c] == c).mean()
+                                                   for c in np.unique(labels)]))}
+    if logits.shape[1] >= 5:
+        top5 = np.argsort(-logits, axis=1, kind="stable")[:, :5]
+        out["acc5"] = float((top5 == labels[:, None]).any(1).mean())
+    return out
+
+
+def retrieval_metrics(scores: np.ndarray, text_image: np.ndarray, ks=(1, 5, 10)) -> dict:
+    """Recall@k both ways of float (N_images, M_texts) similarities, k <= N_images only."""
+    n_images = scores.shape[0]
+    out = {}
+    for k in [k for k in ks if k <= n_images]:
+        top_images = np.argsort(-scores.T, axis=1, kind="stable")[:, :k]        # per caption
+        out[f"image_retrieval_recall@{k}"] = float((top_images == text_image[:, None]).any(1).mean())
+        top_texts = np.argsort(-scores, axis=1, kind="stable")[:, :k]           # per image
+        out[f"text_retrieval_recall@{k}"] = float((text_image[top_texts] == np.arange(n_images)[:, None])
+                                                  .any(1).mean())
+    out["mean_recall@1"] = 0.5 * (out["image_retrieval_recall@1"] + out["text_retrieval_recall@1"])
+    return out
+
+
+@torch.no_grad()
+def evaluate_features(model, features: dict[str, TaskFeatures], tasks: list[Task]) -> tuple[list[dict], dict]:
+    """Rows and aggregate as ``evaluate_tasks`` returns them, for a model with
+    ``encode_image``/``encode_text`` over cached features (a :class:`ProjectionCLIP`)."""
+    model.eval()
+    rows = []
+    for task in tasks:
+        row = {"key": task.key, "dataset": task.name, "metrics": {}}
+        f = features.get(task.key)
+        if f is None:
+            rows.append({**row, "status": "missing", "reason": f"no data for {task.folder}"})
+            continue
+        image = model.encode_image(torch.from_numpy(f.image)).numpy()
+        if f.kind == "retrieval":
+            text = model.encode_text(torch.from_numpy(f.text)).numpy()
+            metrics = retrieval_metrics(image @ text.T, f.text_image)
+        else:
+            c, t, d = f.class_text.shape
+            prompts = model.encode_text(torch.from_numpy(f.class_text.reshape(c * t, d))).reshape(c, t, -1)
+            classes = F.normalize(prompts.mean(1), dim=-1).numpy()
+            metrics = classification_metrics(image @ classes.T, f.labels)
+        rows.append({**row, "status": "ok", "metrics": {**metrics, "main_metric": metrics[task.main_metric]}})
+    results = {r["dataset"]: r["metrics"]["main_metric"] for r in rows if r["status"] == "ok"}
+    return rows, aggregate(results, requested=tasks)
