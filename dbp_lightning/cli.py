@@ -153,7 +153,23 @@ def run_prune(config: PruneConfig) -> int:
     for st in result.report["stages"]:
         print(f"{st['stage']:<12}{st['in']:>12,}{st['out']:>12,}{st['seconds']:>10.2f}")
     print(f"kept {result.report['kept']:,} of {result.report['pool']:,} -> {out}")
+    shards = _source_shards(config.input)
+    if shards:  # an embedded pool: the curator's report can show the pictures
+        from .report import write_report
+
+        print(f"report -> {write_report(out, shards)}")
     return 0
+
+
+def _source_shards(store: str) -> list[str] | None:
+    """The WebDataset shards an embedding store was made from, when they are all still there."""
+    import json
+
+    manifest = Path(store) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    shards = json.loads(manifest.read_text()).get("source_shards")
+    return shards if shards and all(os.path.isfile(s) for s in shards) else None
 
 
 def run_embed(args) -> int:
@@ -262,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         return lightning_cli(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # says which SIMD build loaded
+    for name in ("lightning.pytorch", "lightning.fabric", "sentence_transformers"):
+        # compare fits many models: Lightning's per-fit banner (GPU available, ...) is noise here
+        logging.getLogger(name).setLevel(logging.WARNING)
     parser = build_parser()
     try:
         cfg = parser.parse_args(argv)

@@ -53,7 +53,7 @@ def compare_config(cfg: DemoConfig, pool_size: int) -> CompareConfig:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo; returns the data counts, the compare summary and the report's path."""
-    from .compare import Experiment, collect, write_outputs
+    from .compare import collect, run_compare, write_outputs
     from .data.demo import DemoSpec, build_demo
     from .report import write_report
 
@@ -63,11 +63,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     built = build_demo(data, DemoSpec(max_per_source=cfg.max_per_source), workers=cfg.num_workers,
                        progress=True)
     compare = compare_config(cfg, built["train_samples"])
-    experiment = Experiment(compare)
-    for subset in compare.subset_specs:
-        experiment.run(subset, cfg.seed)
+    runs = run_compare(compare)
     results, summary = collect(compare)
     table = write_outputs(compare, results, summary)
-    dbp_run = experiment.prune_dir(compare.subset_specs[1], cfg.seed)
-    report = write_report(dbp_run, compare.pool, out=Path(cfg.out) / "report.html")
+    report = write_report(runs[1]["prune_dir"], compare.pool, out=Path(cfg.out) / "report.html")
     return {"config": asdict(cfg), "data": built, "summary": summary, "table": table, "report": str(report)}

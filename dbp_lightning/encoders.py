@@ -161,7 +161,8 @@ def _sentence_transformers(config: EncoderConfig) -> Encoder:
         raise ValueError(f"encoder.model: no sentence-transformers directory {path}")
     model = SentenceTransformer(path, device="cpu")
     dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else model.get_sentence_embedding_dimension()
-    return Encoder("text", dim, None, model.tokenize, None,
+    tokenize = getattr(model, "preprocess", None) or model.tokenize  # tokenize: deprecated in v6
+    return Encoder("text", dim, None, tokenize, None,
                    lambda features: model(features)["sentence_embedding"], model)
 
 

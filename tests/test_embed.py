@@ -36,6 +36,16 @@ def test_embed_open_clip_counts_bad_samples_and_writes_a_store(tmp_path):
     scores = meta.column("clip_score").to_numpy()
     assert np.all(np.abs(scores) <= 1.0) and np.unique(scores).size > 1
 
+    # prune on the store finds the source shards and writes the curator's report beside the run
+    from dbp_lightning.cli import main
+
+    run = tmp_path / "run"
+    assert main(["prune", "--input", str(tmp_path / "emb"), "--output", str(run), "--stages", "[semdedup, dbp]",
+                 "--semdedup.k", "2", "--select.k", "3", "--select.num_neighbors", "2",
+                 "--select.target_fraction", "0.5"]) == 0
+    html = (run / "report.html").read_text()
+    assert html.count("<img") > 10 and "Stage funnel" in html
+
 
 def test_embed_minilm_text_matches_sentence_transformers(tmp_path):
     from sentence_transformers import SentenceTransformer

@@ -14,6 +14,7 @@ clip_benchmark's evaluators on the same features.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,14 +64,17 @@ def embed_task(task: Task, data_root: str, image_encoder: Encoder, text_encoder:
     """``task``'s test split embedded by the two encoders; None when its data is absent."""
     from clip_benchmark.datasets.builder import build_dataset, image_captions_collate_fn
     from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
 
     folder = Path(data_root) / task.folder
     if not (folder / "test" / "nshards.txt").is_file():
         return None
     retrieval = task.kind == "retrieval"
-    ds = build_dataset(f"wds/{task.key}", root=str(folder), transform=image_encoder.image_transform,
-                       split="test", download=False,
-                       task="zeroshot_retrieval" if retrieval else "zeroshot_classification")
+    with warnings.catch_warnings():  # clip_benchmark leaves webdataset's shardshuffle unset
+        warnings.filterwarnings("ignore", message=".*shardshuffle")
+        ds = build_dataset(f"wds/{task.key}", root=str(folder), transform=image_encoder.image_transform,
+                           split="test", download=False,
+                           task="zeroshot_retrieval" if retrieval else "zeroshot_classification")
 
     def text(captions: list[str]) -> np.ndarray:
         out = [text_encoder(texts=text_encoder.tokenize(captions[i : i + batch_size]))[0]
@@ -79,7 +83,8 @@ def embed_task(task: Task, data_root: str, image_encoder: Encoder, text_encoder:
 
     images, labels, captions, owner = [], [], [], []
     batched = ds.batched(batch_size, collation_fn=image_captions_collate_fn) if retrieval else ds.batched(batch_size)
-    for x, y in DataLoader(batched, batch_size=None, num_workers=0):
+    for x, y in tqdm(DataLoader(batched, batch_size=None, num_workers=0), desc=f"embed {task.name}",
+                     unit="batch", leave=False):
         first = sum(len(i) for i in images)  # row of this batch's first image
         images.append(image_encoder(images=x)[0].numpy())
         if retrieval:
