@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -181,8 +182,8 @@ def run_embed(args) -> int:
                          args.num_workers, args.dtype,
                          trainer_kwargs={"devices": devices, "num_nodes": args.num_nodes,
                                          "strategy": strategy})
-    print(f"embedded {len(store):,} samples ({store.dim}-d {args.dtype}); skipped: "
-          f"{store.manifest.get('skipped', {})} -> {args.out}")
+    print(f"embedded {len(store):,} samples ({store.dim}-d {args.dtype}); samples read and "
+          f"skipped: {store.manifest.get('counts', {})} -> {args.out}")
     return 0
 
 
@@ -242,12 +243,16 @@ def run_demo_data(args) -> int:
     from .data.demo import DemoSpec, build_demo
 
     report = build_demo(args.out, _dataclass(DemoSpec, args), workers=args.workers, progress=True)
+    _print_demo_data(report, args.out)
+    return 0
+
+
+def _print_demo_data(report: dict, out: str) -> None:
     for source, counts in report["sources"].items():
         print(f"{source:<14}{', '.join(f'{k} {v:,}' for k, v in counts.items())}")
     for source, how in report["left_out"].items():
         print(f"{source:<14}left out: not installed ({how})")
-    print(f"{report['train_samples']:,} training samples in {report['train_shards']} shards -> {args.out}")
-    return 0
+    print(f"{report['train_samples']:,} training samples in {report['train_shards']} shards -> {out}")
 
 
 def run_synthetic(args) -> int:
@@ -278,15 +283,23 @@ def main(argv: list[str] | None = None) -> int:
         return lightning_cli(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # says which SIMD build loaded
-    for name in ("lightning.pytorch", "lightning.fabric", "sentence_transformers"):
-        # compare fits many models: Lightning's per-fit banner (GPU available, ...) is noise here
-        logging.getLogger(name).setLevel(logging.WARNING)
     parser = build_parser()
     try:
         cfg = parser.parse_args(argv)
     except Exception as exc:  # jsonargparse's ArgumentError: a bad flag, key or config file
         print(f"dbp-lightning: error: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
         return 2
+    if cfg.command in ("compare", "demo", "embed"):
+        # many fits and predicts: Lightning's per-run banner (GPU available, ...) is noise here;
+        # Lightning sets its own logger's level on import, so import it first
+        import lightning.pytorch  # noqa: F401
+
+        for name in ("lightning.pytorch", "lightning.fabric", "sentence_transformers"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        if cfg.command != "embed":  # the progress bars say what runs; stage logs would break them
+            logging.getLogger("dbp_lightning.pruning").setLevel(logging.WARNING)
+        # Lightning 2.6 on torch 2.14 warns about torch's own pytree API on every fit
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     try:
         if cfg.command == "prune":
             return run_prune(prune_config(parser, cfg))
@@ -296,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import DemoConfig, run_demo
 
             done = run_demo(_dataclass(DemoConfig, parser.instantiate(cfg).demo))
+            _print_demo_data(done["data"], str(Path(done["config"]["out"]) / "data"))
             print(Path(done["table"]).read_text(), end="")
             print(f"table -> {done['table']}\nreport -> {done['report']}")
             return 0

@@ -198,7 +198,7 @@ class Experiment:
         out = Path(self.cfg.out) / "runs" / subset.name / f"seed{seed}"
         prune_dir = self.prune_dir(subset, seed)
         settings = digest({"prune": prune_dir.name, "text": self.text_store.name, "recipe": asdict(self.cfg.recipe),
-                           "tasks": self.cfg.tasks, "seed": seed})
+                           "tasks": {k: f.source for k, f in self.features.items()}, "seed": seed})
         done = out / "result.json"
         if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
             return json.loads(done.read_text())
@@ -280,14 +280,16 @@ def collect(cfg: CompareConfig) -> tuple[list[dict], list[dict]]:
 
 
 def format_table(summary: list[dict]) -> str:
-    """Markdown: per subset, each metric as mean +- std over seeds."""
+    """Markdown: per subset, each metric as mean +- std over seeds (the value, for one seed)."""
     if not summary:
         return "(no finished runs)"
     metrics = [k for k in summary[0] if k not in ("subset", "method", "seeds", "train_pairs", "samples_seen")]
     lines = ["| subset | training pairs | samples seen | seeds | " + " | ".join(metrics) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(metrics)]
     for row in summary:
-        cells = ["-" if row[m] is None else f"{row[m][0]:.3f} ± {row[m][1]:.3f}" for m in metrics]
+        # a spread is shown only where there is one: one seed has no std to report
+        cells = ["-" if row[m] is None else f"{row[m][0]:.3f}" + (f" ± {row[m][1]:.3f}" if row["seeds"] > 1 else "")
+                 for m in metrics]
         lines.append(f"| {row['subset']} | {row['train_pairs']:,.0f} | {row['samples_seen']:,.0f} | "
                      f"{row['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

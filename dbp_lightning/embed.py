@@ -181,7 +181,7 @@ class ShardWriter(BasePredictionWriter):
 
 def write_manifest(out_dir: Path, shards: list[str], dtype: str, info: dict) -> None:
     """Check every shard is done and keys are unique across shards; write ``manifest.json``."""
-    entries, empty, seen, skipped = [], [], {}, Counter()
+    entries, empty, seen, counts = [], [], {}, Counter()
     dim = None
     for shard in shards:
         name = shard_name(shard)
@@ -189,9 +189,9 @@ def write_manifest(out_dir: Path, shards: list[str], dtype: str, info: dict) -> 
         if not done.is_file():
             raise RuntimeError(f"{shard}: not embedded; rerun to finish it")
         meta = json.loads(done.read_text())
-        skipped.update(meta["counts"])
+        counts.update(meta["counts"])
         if meta["rows"] == 0:
-            empty.append({"name": name, "skipped": meta["counts"]})  # no files to list
+            empty.append({"name": name, "counts": meta["counts"]})  # no files to list
             continue
         arr = np.load(out_dir / f"{name}.npy", mmap_mode="r")
         dim = arr.shape[1]
@@ -199,12 +199,12 @@ def write_manifest(out_dir: Path, shards: list[str], dtype: str, info: dict) -> 
             if key in seen:
                 raise ValueError(f"sample {key!r} occurs in shard {seen[key]} and in shard {shard}")
             seen[key] = shard
-        entries.append({"name": name, "rows": int(meta["rows"]), "skipped": meta["counts"]})
+        entries.append({"name": name, "rows": int(meta["rows"]), "counts": meta["counts"]})
     if dim is None:
         raise ValueError("no shard had a usable sample: nothing to embed")
     write_json(out_dir / "manifest.json", {"format": FORMAT, "version": VERSION, "dim": int(dim),
                                            "dtype": dtype, "shards": entries,
-                                           "empty_shards": empty, "skipped": dict(skipped),
+                                           "empty_shards": empty, "counts": dict(counts),
                                            **info})
 
 

@@ -92,10 +92,20 @@ class Encoder(nn.Module):
         return self.modality in ("text", "both") or self.scores
 
     @torch.no_grad()
+    def embed_images(self, images) -> torch.Tensor:
+        """float32 (B, image width), unit norm: the image tower alone, whatever the modality."""
+        return F.normalize(self._image_fn(images).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_texts(self, texts) -> torch.Tensor:
+        """float32 (B, text width), unit norm: the text tower alone, whatever the modality."""
+        return F.normalize(self._text_fn(texts).float(), dim=-1)
+
+    @torch.no_grad()
     def forward(self, images=None, texts=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Embeddings float32 (B, dim), unit norm, and CLIP scores float32 (B,) or None."""
-        img = F.normalize(self._image_fn(images).float(), dim=-1) if self.needs_image else None
-        txt = F.normalize(self._text_fn(texts).float(), dim=-1) if self.needs_text else None
+        img = self.embed_images(images) if self.needs_image else None
+        txt = self.embed_texts(texts) if self.needs_text else None
         score = (img * txt).sum(-1) if self.scores else None
         if self.modality == "image":
             emb = img

@@ -29,7 +29,7 @@ THUMB = 64  #: thumbnail side in pixels (the demo pool's images are 64 px)
 
 
 def write_report(run_dir: str | os.PathLike, shards, out: str | os.PathLike | None = None,
-                 clusters_shown: int = 8, per_strip: int = 8, dup_groups: int = 50,
+                 clusters_shown: int = 8, per_strip: int = 8, pairs_shown: int = 50,
                  seed: int = 0) -> Path:
     """Write the HTML report of a prune run (and ``dedup_pairs.csv`` beside it), atomically.
 
@@ -44,7 +44,7 @@ def write_report(run_dir: str | os.PathLike, shards, out: str | os.PathLike | No
         clusters_shown: selector clusters shown, a seeded random sample.
         per_strip: thumbnails in each cluster's most- and least-prototypical strip, and at most
             this many removed members shown per SemDeDup group.
-        dup_groups: at most this many removed-and-partner pairs shown (and written to the CSV).
+        pairs_shown: at most this many removed-and-partner pairs shown (and written to the CSV).
         seed: seeds the choice of clusters and of SemDeDup groups.
 
     Returns:
@@ -76,7 +76,7 @@ def write_report(run_dir: str | os.PathLike, shards, out: str | os.PathLike | No
         dup_of, dup_sim = sel.column("dup_of"), sel.column("dup_sim").to_numpy()
         dedup_kept = sel.column("dedup_kept").to_numpy(zero_copy_only=False)
         removed = ~dedup_kept & pc.is_valid(dup_of).to_numpy(zero_copy_only=False)
-        rows, group = dedup_pairs(removed, dup_of, dup_sim, dup_groups, per_strip, seed)
+        rows, group = dedup_pairs(removed, dup_of, dup_sim, pairs_shown, per_strip, seed)
         partner = partner_rows(sel.column("key"), dup_of.take(rows).to_numpy(zero_copy_only=False))
         pairs = (rows, partner, group, dup_sim, dedup_kept)
         shown_rows += [rows, partner]

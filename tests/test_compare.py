@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import pytest
 import yaml
@@ -63,6 +64,12 @@ def test_compare_end_to_end(tmp_path, demo_data, capsys):
     assert main(["compare", "--config", config, "--only", "[dbp-0.5]"]) == 0
     assert json.loads(done.read_text())["metrics"] == before["metrics"]
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != done)
+    # new held-out data makes the results stale: the runs are redone
+    tar = data / "eval" / "wds_demo-retrieval_test" / "test" / "0.tar"
+    os.utime(tar, ns=(tar.stat().st_atime_ns, tar.stat().st_mtime_ns + 1))
+    random_done = out / "runs" / "random-0.5" / "seed0" / "result.json"
+    assert main(["compare", "--config", config, "--only", "[random-0.5]"]) == 0
+    assert random_done.stat().st_mtime_ns != stamps[random_done]
     # --collect runs nothing and reports what has finished
     (out / "runs" / "full" / "seed0" / "result.json").unlink()
     assert main(["compare", "--config", config, "--collect", "true"]) == 0
@@ -102,3 +109,14 @@ def test_budget_steps():
     assert _steps(RecipeConfig(batch_size=10, budget="epochs", epochs=3), pool_size=500, subset_size=100) == 30
     with pytest.raises(ValueError, match="recipe.budget"):
         CompareConfig(pool="p", eval_root="e", recipe=RecipeConfig(budget="flops")).validate()
+
+
+def test_compare_clip_score_subset(tmp_path, demo_data):
+    """With a CLIP image encoder the store carries scores, so the clip_score subset runs."""
+    data, pool = demo_data
+    config = _config(tmp_path, data, subsets=["clip_score-0.5"], seeds=[0],
+                     image_encoder={"kind": "open_clip", "model": "tiny-clip", "modality": "image"})
+    assert main(["compare", "--config", config]) == 0
+    run = json.loads((tmp_path / "cmp" / "runs" / "clip_score-0.5" / "seed0" / "result.json").read_text())
+    assert [s["stage"] for s in run["prune_report"]["stages"]] == ["clip_score"]
+    assert run["train_pairs"] == round(0.5 * pool)

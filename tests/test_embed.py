@@ -24,15 +24,15 @@ def test_embed_open_clip_counts_bad_samples_and_writes_a_store(tmp_path):
     meta = store.metadata()
     expected = [uid(i) for i in range(30) if i not in {4, 21, 13}]
     assert meta.column("uid").to_pylist() == expected  # shard order, sample order, bad ones gone
-    assert store.manifest["skipped"] == {"read": 30, "undecodable_image": 2, "no_caption": 1}
+    assert store.manifest["counts"] == {"read": 30, "undecodable_image": 2, "no_caption": 1}
     assert [s["name"] for s in store.manifest["shards"]] == ["shard-00000", "shard-00001", "shard-00002"]
     x = store.embeddings[:]
     assert x.shape == (27, 64)
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
     expected_similarity = [round(0.2 + (i % 10) / 50, 2) for i in range(30) if i not in {4, 21, 13}]
     np.testing.assert_allclose(meta.column("similarity").to_numpy(), expected_similarity, atol=1e-6)
-    assert store.manifest["shards"][0]["skipped"] == {"read": 10, "undecodable_image": 1}
-    assert store.manifest["empty_shards"] == [{"name": "shard-00003", "skipped": {}}]
+    assert store.manifest["shards"][0]["counts"] == {"read": 10, "undecodable_image": 1}
+    assert store.manifest["empty_shards"] == [{"name": "shard-00003", "counts": {}}]
     scores = meta.column("clip_score").to_numpy()
     assert np.all(np.abs(scores) <= 1.0) and np.unique(scores).size > 1
 
@@ -110,7 +110,7 @@ def test_killed_embedding_resumes_to_the_same_store(tmp_path):
         table = shard.with_suffix(".parquet")
         assert pq.read_table(tmp_path / "killed" / table.name).equals(pq.read_table(table))
     a, b = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("killed", "clean"))
-    assert a["shards"] == b["shards"] and a["skipped"] == b["skipped"]
+    assert a["shards"] == b["shards"] and a["counts"] == b["counts"]
 
 
 def test_efficientnet_lite0_through_the_cli(tmp_path, capsys):
@@ -175,7 +175,7 @@ def test_truncated_tar_is_counted_not_fatal(tmp_path, cut):
     assert all("txt" in s and ("jpg" in s or "png" in s) for s in samples)  # only whole samples
     store = embed_shards(str(tmp_path / "wds"), str(tmp_path / f"emb{cut}"), TINY, batch_size=4,
                          num_workers=0)
-    assert store.manifest["skipped"]["truncated"] == 1 and 6 <= len(store) < 12
+    assert store.manifest["counts"]["truncated"] == 1 and 6 <= len(store) < 12
 
 
 def test_resume_refuses_a_directory_embedded_with_other_settings(tmp_path):

@@ -61,7 +61,7 @@ def run(tmp_path_factory):
     result = prune(x, config, metadata=meta)
     write_run(result, root / "run", config.to_dict(), "test")
     html = write_report(root / "run", str(root / "wds"), clusters_shown=3, per_strip=PER_STRIP,
-                        dup_groups=DUP_PAIRS, seed=1)
+                        pairs_shown=DUP_PAIRS, seed=1)
     page = Page()
     page.feed(html.read_text())
     return root / "run", html, page, result.selection.to_pandas().set_index("key")

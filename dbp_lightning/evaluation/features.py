@@ -43,6 +43,7 @@ class TaskFeatures:
     class_text: np.ndarray | None = None
     text: np.ndarray | None = None
     text_image: np.ndarray | None = None
+    source: str = ""  #: the cache file it was read from (its name identifies data and encoders)
 
     def save(self, path: Path) -> None:
         from ..atomic import atomic_path
@@ -77,7 +78,7 @@ def embed_task(task: Task, data_root: str, image_encoder: Encoder, text_encoder:
                            task="zeroshot_retrieval" if retrieval else "zeroshot_classification")
 
     def text(captions: list[str]) -> np.ndarray:
-        out = [text_encoder(texts=text_encoder.tokenize(captions[i : i + batch_size]))[0]
+        out = [text_encoder.embed_texts(text_encoder.tokenize(captions[i : i + batch_size]))
                for i in range(0, len(captions), batch_size)]
         return torch.cat(out).numpy()
 
@@ -86,7 +87,7 @@ def embed_task(task: Task, data_root: str, image_encoder: Encoder, text_encoder:
     for x, y in tqdm(DataLoader(batched, batch_size=None, num_workers=0), desc=f"embed {task.name}",
                      unit="batch", leave=False):
         first = sum(len(i) for i in images)  # row of this batch's first image
-        images.append(image_encoder(images=x)[0].numpy())
+        images.append(image_encoder.embed_images(x).numpy())
         if retrieval:
             for j, caps in enumerate(y):
                 captions += caps
@@ -121,6 +122,7 @@ def task_features(cache_dir: str | os.PathLike, data_root: str, tasks: list[Task
             path.parent.mkdir(parents=True, exist_ok=True)
             embed_task(task, data_root, *encoders, batch_size=batch_size).save(path)
         out[task.key] = TaskFeatures.load(path)
+        out[task.key].source = path.name
     return out
 
 
