@@ -34,6 +34,8 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
+from .shards import TAR_MTIME
+
 OPENCLIPART_ROOT = "/usr/share/openclipart/svg"
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
@@ -192,7 +194,7 @@ def _write_task(folder: Path, samples: list[dict], classnames: Optional[list[str
 
     (folder / "test").mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / "test" / "0.tar") as tmp:
-        with wds.TarWriter(str(tmp)) as sink:
+        with wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
             for s in samples:
                 sink.write(s)
     if classnames is not None:
@@ -250,7 +252,7 @@ def build_demo(out: str | os.PathLike, spec: DemoSpec = DemoSpec(), workers: int
     (out / "train").mkdir(parents=True, exist_ok=True)
     for i in range(0, len(train), spec.shard_size):
         with atomic_path(out / "train" / f"shard-{i // spec.shard_size:05d}.tar") as tmp:
-            with wds.TarWriter(str(tmp)) as sink:
+            with wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
                 for s in train[i : i + spec.shard_size]:
                     sink.write(s)
     evals = out / "eval"

@@ -10,7 +10,7 @@ from pathlib import Path
 import webdataset as wds
 
 from ..atomic import atomic_path, write_json
-from .shards import iter_shard, sample_id
+from .shards import TAR_MTIME, iter_shard, sample_id
 
 MANIFEST = "reshard.json"
 
@@ -47,7 +47,7 @@ def reshard(shards: list[str], keep: set[str], out_dir: str | os.PathLike, n_sha
                 close()
                 path = out / f"pruned-{len(written):05d}.tar"
                 tmp_ctx = atomic_path(path)
-                sink = wds.TarWriter(str(tmp_ctx.__enter__()))
+                sink = wds.TarWriter(str(tmp_ctx.__enter__()), mtime=TAR_MTIME)
                 written.append({"path": str(path), "rows": 0})
                 rows = 0
             sink.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
