@@ -16,9 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import PruneConfig
+from .config import EncoderConfig, PruneConfig
 from .data.shards import shard_name
-from .encoders import EncoderConfig
 
 
 def _file_stamp(path: Optional[str]):

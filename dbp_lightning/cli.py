@@ -21,8 +21,7 @@ from typing import Optional
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from .config import PruneConfig
-from .encoders import EncoderConfig
+from .config import EncoderConfig, PruneConfig
 
 
 def _prune_parser() -> ArgumentParser:

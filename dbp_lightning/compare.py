@@ -28,8 +28,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .config import SELECTORS, PruneConfig
-from .encoders import EncoderConfig
+from .config import EncoderConfig, PruneConfig, SELECTORS
 
 log = logging.getLogger(__name__)
 

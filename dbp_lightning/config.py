@@ -1,4 +1,5 @@
-"""Configuration of ``prune``: plain dataclasses that jsonargparse reads from YAML and flags.
+"""Configuration of ``prune`` and of the encoders: plain dataclasses that jsonargparse reads from
+YAML and flags (no torch here: ``prune`` must not pay for importing it).
 
 :meth:`PruneConfig.validate` checks everything that can be checked without the data; the
 pipeline checks the rest (k and targets against the pool size) before any work starts.
@@ -6,6 +7,7 @@ pipeline checks the rest (k and targets against the pool size) before any work s
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -116,6 +118,37 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+KINDS = ("open_clip", "sentence_transformers", "efficientnet_lite0", "timm")
+MODALITIES = ("image", "text", "both")
+
+
+@dataclass
+class EncoderConfig:
+    """Which model embeds the pool, and on what."""
+
+    kind: str = "open_clip"                  #: open_clip, sentence_transformers, efficientnet_lite0, timm
+    model: str = "ViT-B-32"                  #: architecture, model-config JSON, or model directory
+    checkpoint: Optional[str] = None         #: local weights file (None: random for open_clip/timm)
+    modality: str = "image"                  #: image, text, or both (concatenated, renormalised)
+    image_size: Optional[int] = None         #: input resolution (None: the model's own); small
+                                             #: images (the demo's 64 px) need no upscaling
+
+    def validate(self) -> "EncoderConfig":
+        if self.kind not in KINDS:
+            raise ValueError(f"encoder.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.modality not in MODALITIES:
+            raise ValueError(f"encoder.modality must be one of {', '.join(MODALITIES)}, got {self.modality!r}")
+        text_only, image_only = self.kind == "sentence_transformers", self.kind in ("efficientnet_lite0", "timm")
+        if (text_only and self.modality != "text") or (image_only and self.modality != "image"):
+            raise ValueError(f"encoder.modality={self.modality!r} is not available for kind {self.kind!r}")
+        if self.image_size is not None and (self.kind not in ("efficientnet_lite0", "timm") or self.image_size < 32):
+            raise ValueError(f"encoder.image_size: give >= 32, for kind efficientnet_lite0 or timm "
+                             f"(got {self.image_size} for {self.kind!r})")
+        if self.checkpoint and not os.path.isfile(self.checkpoint):
+            raise ValueError(f"encoder.checkpoint: no file {self.checkpoint}")
+        return self
 
 
 def _stage_rank(stage: str) -> int:

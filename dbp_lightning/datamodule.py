@@ -25,10 +25,9 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from . import cache
-from .config import PruneConfig
+from .config import EncoderConfig, PruneConfig
 from .data.reshard import reshard
 from .data.shards import decode_caption, decode_image, expand_shards, sample_id, shard_name
-from .encoders import EncoderConfig
 
 
 def _with_id(sample: dict) -> dict:

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from .compare import CompareConfig, RecipeConfig, SubsetSpec
-from .config import PruneConfig, SelectConfig, SemDeDupConfig
-from .encoders import EncoderConfig
+from .config import EncoderConfig, PruneConfig, SelectConfig, SemDeDupConfig
 
 
 @dataclass

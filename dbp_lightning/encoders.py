@@ -23,43 +23,15 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import KINDS, MODALITIES, EncoderConfig  # noqa: F401  (re-exported: the config has no torch)
+
 MODEL_CONFIGS = os.path.join(os.path.dirname(__file__), "model_configs")
-KINDS = ("open_clip", "sentence_transformers", "efficientnet_lite0", "timm")
-MODALITIES = ("image", "text", "both")
-
-
-@dataclass
-class EncoderConfig:
-    """Which model embeds the pool, and on what."""
-
-    kind: str = "open_clip"                  #: open_clip, sentence_transformers, efficientnet_lite0, timm
-    model: str = "ViT-B-32"                  #: architecture, model-config JSON, or model directory
-    checkpoint: Optional[str] = None         #: local weights file (None: random for open_clip/timm)
-    modality: str = "image"                  #: image, text, or both (concatenated, renormalised)
-    image_size: Optional[int] = None         #: input resolution (None: the model's own); small
-                                             #: images (the demo's 64 px) need no upscaling
-
-    def validate(self) -> "EncoderConfig":
-        if self.kind not in KINDS:
-            raise ValueError(f"encoder.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.modality not in MODALITIES:
-            raise ValueError(f"encoder.modality must be one of {', '.join(MODALITIES)}, got {self.modality!r}")
-        text_only, image_only = self.kind == "sentence_transformers", self.kind in ("efficientnet_lite0", "timm")
-        if (text_only and self.modality != "text") or (image_only and self.modality != "image"):
-            raise ValueError(f"encoder.modality={self.modality!r} is not available for kind {self.kind!r}")
-        if self.image_size is not None and (self.kind not in ("efficientnet_lite0", "timm") or self.image_size < 32):
-            raise ValueError(f"encoder.image_size: give >= 32, for kind efficientnet_lite0 or timm "
-                             f"(got {self.image_size} for {self.kind!r})")
-        if self.checkpoint and not os.path.isfile(self.checkpoint):
-            raise ValueError(f"encoder.checkpoint: no file {self.checkpoint}")
-        return self
 
 
 class Encoder(nn.Module):

@@ -38,6 +38,9 @@ class ShardedArray:
     which is all :class:`~dbp_lightning.pruning.embeddings.Embeddings` needs.
     """
 
+    #: bytes read through the mappings after which their pages are dropped from this process
+    RELEASE_BYTES = 256 << 20
+
     def __init__(self, arrays: list[np.ndarray]):
         if not arrays:
             raise ValueError("a ShardedArray needs at least one shard")
@@ -45,6 +48,23 @@ class ShardedArray:
         self.offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
         self.shape = (int(self.offsets[-1]), int(arrays[0].shape[1]))
         self.dtype = arrays[0].dtype
+        self._read = 0
+
+    def _account(self, nbytes: int) -> None:
+        """Out of core: pages of a memory-mapped store that were read stay mapped into this
+        process and count in its RSS, so a pass over a 5 GB store would hold 5 GB. Every
+        RELEASE_BYTES, drop them (MADV_DONTNEED: the kernel keeps them in its page cache, and
+        a later read maps them again)."""
+        import mmap
+
+        self._read += nbytes
+        if self._read < self.RELEASE_BYTES:
+            return
+        self._read = 0
+        for a in self.arrays:
+            m = getattr(a, "_mmap", None)
+            if m is not None and hasattr(mmap, "MADV_DONTNEED"):
+                m.madvise(mmap.MADV_DONTNEED)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -65,6 +85,8 @@ class ShardedArray:
         for s in np.unique(shard):
             sel = np.flatnonzero(shard == s)
             out[sel] = self.arrays[s][index[sel] - self.offsets[s]]
+        # scattered rows each touch at least a whole page of the mapping
+        self._account(len(index) * max(out.itemsize * self.shape[1], 4096))
         return out
 
     def _range(self, start: int, stop: int) -> np.ndarray:
@@ -74,12 +96,13 @@ class ShardedArray:
         last = int(np.searchsorted(self.offsets, stop - 1, side="right")) - 1
         if first == last:
             o = self.offsets[first]
-            return np.asarray(self.arrays[first][start - o : stop - o])
-        parts = []
-        for s in range(first, last + 1):
-            o = self.offsets[s]
-            parts.append(self.arrays[s][max(start - o, 0) : min(stop - o, len(self.arrays[s]))])
-        return np.concatenate(parts)
+            # a copy: the caller's block must not keep pages that _account is about to drop
+            out = np.array(self.arrays[first][start - o : stop - o])
+        else:
+            out = np.concatenate([self.arrays[s][max(start - self.offsets[s], 0) : min(stop - self.offsets[s], len(self.arrays[s]))]
+                                  for s in range(first, last + 1)])
+        self._account(out.nbytes)
+        return out
 
 
 class EmbeddingStore:

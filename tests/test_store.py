@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -47,3 +48,29 @@ def test_store_manifest_mismatch(tmp_path, rng):
     (store.path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"00001.npy: shape \(60, 8\)"):
         EmbeddingStore(store.path)
+
+
+def _rss_file_kb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise RuntimeError("no RssFile")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_reads_drop_their_pages_so_a_pass_stays_out_of_core(tmp_path, monkeypatch):
+    """A pass over a memory-mapped store must not keep the store resident in this process."""
+    from dbp_lightning.store import ShardedArray
+
+    x = np.random.default_rng(0).standard_normal((64 * 1024, 512)).astype(np.float16)  # 64 MiB
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", x[:1000])
+    arr = ShardedArray([np.load(tmp_path / "x.npy", mmap_mode="r"), np.load(tmp_path / "y.npy", mmap_mode="r")])
+    monkeypatch.setattr(ShardedArray, "RELEASE_BYTES", 4 << 20)
+    before = _rss_file_kb()
+    for start in range(0, len(arr), 4096):
+        np.testing.assert_array_equal(arr[start : start + 4096][:5], np.concatenate([x, x[:1000]])[start : start + 5])
+    rows = np.random.default_rng(1).permutation(len(arr))[:20000]
+    np.testing.assert_array_equal(arr[rows], np.concatenate([x, x[:1000]])[rows])
+    grown_mib = (_rss_file_kb() - before) / 1024
+    assert grown_mib < 24, f"{grown_mib:.0f} MiB of the 64 MiB store stayed mapped in"

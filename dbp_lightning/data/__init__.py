@@ -1,5 +1,5 @@
-"""WebDataset shards: listing, reading, and the identity of a sample."""
+"""WebDataset shards: listing and reading (``shards``), rewriting (``reshard``), the demo pool
+(``demo``). Nothing is imported here: webdataset imports torch, which ``prune`` never needs."""
 
-from .shards import expand_shards, iter_shard, sample_id
-
-__all__ = ["expand_shards", "iter_shard", "sample_id"]
+#: tar member mtime of the shards this package writes: the same samples give byte-identical shards
+TAR_MTIME = 946684800.0  # 2000-01-01 UTC

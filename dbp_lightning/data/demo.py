@@ -34,7 +34,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
-from .shards import TAR_MTIME
+from . import TAR_MTIME
 
 OPENCLIPART_ROOT = "/usr/share/openclipart/svg"
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"

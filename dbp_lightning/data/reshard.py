@@ -10,7 +10,8 @@ from pathlib import Path
 import webdataset as wds
 
 from ..atomic import atomic_path, write_json
-from .shards import TAR_MTIME, iter_shard, sample_id
+from . import TAR_MTIME
+from .shards import iter_shard, sample_id
 
 MANIFEST = "reshard.json"
 

@@ -17,9 +17,6 @@ from webdataset import tariterators
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
-#: tar member mtime of the shards this package writes: the same samples give byte-identical shards
-TAR_MTIME = 946684800.0  # 2000-01-01 UTC
-
 
 def expand_shards(spec: str | list[str]) -> list[str]:
     """Shard paths from a brace pattern, a glob, a directory, or a list of any of these.

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..config import SELECTORS, PruneConfig
 from ..memory import peak_rss_mb
-from ..store import EmbeddingStore
+from ..store import EmbeddingStore, ShardedArray
 from .clip_score import clip_score_filter
 from .complexity import cluster_complexity
 from .embeddings import Embeddings, as_embeddings
@@ -66,6 +67,8 @@ def load_input(config: PruneConfig) -> tuple[Embeddings, pa.Table, str]:
         x = np.load(path, mmap_mode="r")
     except ValueError as exc:
         raise ValueError(f"input: {path}: unreadable .npy ({exc})") from exc
+    if x.ndim == 2:
+        x = ShardedArray([x])  # reads that drop their pages: see ShardedArray._account
     if config.metadata:
         if not Path(config.metadata).is_file():
             raise ValueError(f"metadata: no file {config.metadata}")
@@ -74,7 +77,7 @@ def load_input(config: PruneConfig) -> tuple[Embeddings, pa.Table, str]:
             raise ValueError(f"metadata: {config.metadata} has {table.num_rows} rows, "
                              f"{path} has {len(x)}")
     else:
-        table = pa.table({"key": [str(i) for i in range(len(x))]})
+        table = pa.table({"key": pa.array(np.arange(len(x))).cast(pa.string())})
     st = path.stat()
     return as_embeddings(x, name=str(path)), table, f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
@@ -85,11 +88,13 @@ def _check_against_data(config: PruneConfig, n: int, metadata: pa.Table) -> None
     for name in ("key", "uid"):
         if name in metadata.column_names and metadata.column(name).null_count:
             raise ValueError(f"metadata: {metadata.column(name).null_count} rows have no {name}")
-    keys = metadata.column("key").to_numpy(zero_copy_only=False)
-    uniq, counts = np.unique(keys, return_counts=True)
-    if len(uniq) != len(keys):
-        dup = uniq[np.argmax(counts > 1)]
-        raise ValueError(f"metadata: key {dup!r} occurs {int(counts.max())} times; keys must be unique")
+    keys = metadata.column("key")
+    if pc.count_distinct(keys).as_py() != len(keys):  # Arrow's hash table: no Python strings
+        counts = pc.value_counts(keys)
+        top = pc.index(counts.field("counts"), pc.max(counts.field("counts")))
+        dup = counts[top.as_py()]
+        raise ValueError(f"metadata: key {dup['values'].as_py()!r} occurs {dup['counts'].as_py()} times; "
+                         "keys must be unique")
     if "semdedup" in config.stages and config.semdedup.k > n:
         raise ValueError(f"semdedup.k={config.semdedup.k} exceeds the pool of {n} samples")
     if "clip_score" in config.stages and config.clip_score.column not in metadata.column_names:
@@ -139,15 +144,16 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
     emb = as_embeddings(x)
     n = emb.n
     if metadata is None:
-        metadata = pa.table({"key": [str(i) for i in range(n)]})
+        metadata = pa.table({"key": pa.array(np.arange(n)).cast(pa.string())})
     if metadata.num_rows != n:
         raise ValueError(f"metadata has {metadata.num_rows} rows, embeddings {n}")
     _check_against_data(config, n, metadata)
     gpu = config.gpu if config.gpu == "auto" else config.gpu in (True, "true")
 
-    cols: dict = {"key": metadata.column("key").to_numpy(zero_copy_only=False)}
+    # Arrow columns, never NumPy object arrays: 10^7 keys as Python strings would take GBs
+    cols: dict = {"key": metadata.column("key").combine_chunks()}
     if "uid" in metadata.column_names:
-        cols["uid"] = metadata.column("uid").to_numpy(zero_copy_only=False)
+        cols["uid"] = metadata.column("uid").combine_chunks()
     alive = np.ones(n, bool)
     stages, clusters = [], None
 
@@ -168,7 +174,8 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
         cols["dedup_cluster"] = parts[0].assignment.astype(np.int32)
         cols["dup_sim"] = dup_sim
         # the key, not the row, so the column still means something in a filtered selection
-        cols["dup_of"] = pa.array(cols["key"][np.maximum(partner, 0)], mask=partner < 0)
+        cols["dup_of"] = pc.if_else(pa.array(partner < 0), pa.scalar(None, cols["key"].type),
+                                    cols["key"].take(np.maximum(partner, 0)))
         cols["dedup_kept"] = dup_sim <= threshold
         alive &= cols["dedup_kept"]
         record("semdedup", t0, n, eps=round(1.0 - threshold, 6), k=d.k, passes=d.passes,
