@@ -20,7 +20,7 @@ class SemDeDupConfig:
     """SemDeDup. Its clustering is only a partition that keeps near-duplicates together, so it
     trains on a sample for few iterations (the paper's public code: 100 iterations on all)."""
 
-    k: int = 1000                            #: clusters of the dedup partition
+    k: int = 1000                            #: cells of the dedup partition (two-level above 1,024)
     niter: int = 10                          #: k-means iterations
     sample: Optional[int] = None             #: k-means training rows (None: 256 per centroid)
     passes: int = 2                          #: partitions (seeds) searched; 1 = public SemDeDup

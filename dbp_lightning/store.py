@@ -40,6 +40,10 @@ class ShardedArray:
 
     #: bytes read through the mappings after which their pages are dropped from this process
     RELEASE_BYTES = 256 << 20
+    #: file bytes one scattered row read may map (the kernel's fault-around window)
+    FAULT_BYTES = 64 << 10
+    #: rows gathered between two accounting steps
+    GATHER_ROWS = 1024
 
     def __init__(self, arrays: list[np.ndarray]):
         if not arrays:
@@ -81,12 +85,15 @@ class ShardedArray:
         if index.size and (index.min() < 0 or index.max() >= self.shape[0]):
             raise IndexError(f"row index out of range [0, {self.shape[0]})")
         out = np.empty((len(index), self.shape[1]), self.dtype)
-        shard = np.searchsorted(self.offsets, index, side="right") - 1
-        for s in np.unique(shard):
-            sel = np.flatnonzero(shard == s)
-            out[sel] = self.arrays[s][index[sel] - self.offsets[s]]
-        # scattered rows each touch at least a whole page of the mapping
-        self._account(len(index) * max(out.itemsize * self.shape[1], 4096))
+        # a scattered row maps more than itself: the kernel maps the pages around a fault that
+        # are already cached (fault-around, 64 KiB by default), so gather in chunks and count that
+        for lo in range(0, len(index), self.GATHER_ROWS):
+            part = index[lo : lo + self.GATHER_ROWS]
+            shard = np.searchsorted(self.offsets, part, side="right") - 1
+            for s in np.unique(shard):
+                sel = np.flatnonzero(shard == s)
+                out[lo + sel] = self.arrays[s][part[sel] - self.offsets[s]]
+            self._account(len(part) * max(out.itemsize * self.shape[1], self.FAULT_BYTES))
         return out
 
     def _range(self, start: int, stop: int) -> np.ndarray:

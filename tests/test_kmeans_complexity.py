@@ -88,3 +88,33 @@ def test_kmeans_identical_on_one_and_two_threads(rng):
         faiss.omp_set_num_threads(before)
     assert np.array_equal(one.centroids, two.centroids)
     assert np.array_equal(one.assignment, two.assignment)
+
+
+def test_partition_kmeans_two_levels(rng, monkeypatch):
+    """Above FLAT_MAX_K the partition is coarse cells split into fine ones: every row sits in a
+    fine cell of its own coarse cell, at the nearest fine centroid there, and the cell count is
+    about k; the same seed gives the same partition; at most FLAT_MAX_K it is plain k-means."""
+    from dbp_lightning.pruning import kmeans as km
+
+    x = unit_rows(rng, 3000, 16)
+    flat = km.partition_kmeans(x, 9, niter=5, seed=3)
+    plain = spherical_kmeans(x, 9, niter=5, seed=3)
+    np.testing.assert_array_equal(flat.assignment, plain.assignment)
+
+    monkeypatch.setattr(km, "FLAT_MAX_K", 4)
+    k = 30
+    part = km.partition_kmeans(x, k, niter=5, seed=3)
+    coarse = spherical_kmeans(x, 6, niter=5, seed=3)  # ceil(sqrt(30)) coarse cells, same seed
+    n_cells = len(part.centroids)
+    assert abs(n_cells - k) <= 6 and set(np.unique(part.assignment)) <= set(range(n_cells))
+    np.testing.assert_allclose(np.linalg.norm(part.centroids, axis=1), 1.0, atol=1e-5)
+    sims = x @ part.centroids.T
+    np.testing.assert_allclose(part.similarity, sims[np.arange(len(x)), part.assignment], atol=1e-5)
+    for c in range(6):
+        rows = np.flatnonzero(coarse.assignment == c)
+        cells = np.unique(part.assignment[rows])
+        assert not np.isin(part.assignment[coarse.assignment != c], cells).any()  # cells nest
+        best = cells[np.argmax(sims[np.ix_(rows, cells)], axis=1)]
+        np.testing.assert_array_equal(part.assignment[rows], best)
+    again = km.partition_kmeans(x, k, niter=5, seed=3)
+    np.testing.assert_array_equal(again.assignment, part.assignment)

@@ -151,3 +151,54 @@ def spherical_kmeans(x, k: int, niter: int = 100, seed: int = 0, sample: int | N
     log.info("spherical k-means: k=%d, %d train rows, %d iterations, mean cosine %.4f",
              k, n_train, done, float(similarity.mean(dtype=np.float64)))
     return KMeansResult(centroids, assignment, similarity, done)
+
+
+#: above this many cells, :func:`partition_kmeans` builds the partition in two levels
+FLAT_MAX_K = 1024
+
+
+def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | None = None,
+                     gpu: str | bool = "auto", progress: bool = False) -> KMeansResult:
+    """About ``k`` cells of similar rows (SemDeDup's partition), at a cost that grows with N.
+
+    SemDeDup compares pairs inside cells, so its cells must stay small as the pool grows: k
+    grows with N. Flat k-means then costs N k d to assign and (256 k) k d per iteration to
+    train, quadratic in N. Above ``FLAT_MAX_K`` cells the partition is built in two levels:
+    ``k1 = ceil(sqrt(k))`` coarse cells by spherical k-means, then each coarse cell of M_c rows
+    split by its own spherical k-means into ``max(1, round(k M_c / N))`` cells (seeded by
+    ``seed`` and the cell). Assigning then costs N (k1 + k / k1) d ~ 2 N sqrt(k) d, and every
+    fine cell's members are its own coarse cell's rows, each assigned to its nearest fine
+    centroid there (not necessarily the nearest of all k: near-duplicates share a coarse cell,
+    which is what SemDeDup needs). At most ``FLAT_MAX_K`` cells it is :func:`spherical_kmeans`.
+
+    Args:
+        x, niter, seed, gpu, progress: as :func:`spherical_kmeans`.
+        k: cells wanted; the two-level total is within rounding of it.
+        sample: training rows of the (first level) k-means; the second level uses its default.
+
+    Returns:
+        :class:`KMeansResult`: fine centroids (k_total, d), global cell ids, similarity to the
+        assigned centroid, and the first level's iterations.
+    """
+    emb = as_embeddings(x)
+    if k <= FLAT_MAX_K:
+        return spherical_kmeans(emb, k, niter=niter, seed=seed, sample=sample, gpu=gpu, progress=progress)
+    from .groups import cluster_index
+
+    k1 = int(np.ceil(np.sqrt(k)))
+    coarse = spherical_kmeans(emb, k1, niter=niter, seed=seed, sample=sample, gpu=gpu, progress=progress)
+    index = cluster_index(coarse.assignment, coarse.similarity, k1)
+    assignment = np.empty(emb.n, np.int64)
+    similarity = np.empty(emb.n, np.float32)
+    centroids, offset = [], 0
+    for c in tqdm(range(k1), disable=not progress, desc="cells", unit="coarse cell", leave=False):
+        rows = np.sort(index.members(c))
+        if len(rows) == 0:
+            continue
+        k_c = int(min(len(rows), max(1, round(k * len(rows) / emb.n))))
+        fine = spherical_kmeans(emb.subset(rows), k_c, niter=niter, seed=seed * 1_000_003 + c, gpu=gpu)
+        assignment[rows] = fine.assignment + offset
+        similarity[rows] = fine.similarity
+        centroids.append(fine.centroids)
+        offset += k_c
+    return KMeansResult(np.concatenate(centroids), assignment, similarity, coarse.n_iter)

@@ -23,7 +23,7 @@ from ..store import EmbeddingStore, ShardedArray
 from .clip_score import clip_score_filter
 from .complexity import cluster_complexity
 from .embeddings import Embeddings, as_embeddings
-from .kmeans import spherical_kmeans
+from .kmeans import partition_kmeans, spherical_kmeans
 from .quotas import dbp_quotas, softmax_probabilities
 from .select import dbp_select, random_select, ssp_select
 from .semdedup import duplicate_similarity, threshold_for_fraction
@@ -165,7 +165,7 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
 
     if "semdedup" in config.stages:
         d, t0 = config.semdedup, time.perf_counter()
-        parts = [spherical_kmeans(emb, d.k, niter=d.niter, seed=config.seed + p, sample=d.sample,
+        parts = [partition_kmeans(emb, d.k, niter=d.niter, seed=config.seed + p, sample=d.sample,
                                   gpu=gpu, progress=progress) for p in range(d.passes)]
         dup_sim, partner = duplicate_similarity(emb, [p.assignment for p in parts],
                                                 parts[0].similarity, d.block_size, progress,
@@ -178,7 +178,8 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
                                     cols["key"].take(np.maximum(partner, 0)))
         cols["dedup_kept"] = dup_sim <= threshold
         alive &= cols["dedup_kept"]
-        record("semdedup", t0, n, eps=round(1.0 - threshold, 6), k=d.k, passes=d.passes,
+        record("semdedup", t0, n, eps=round(1.0 - threshold, 6), k=d.k,
+               cells=int(parts[0].centroids.shape[0]), passes=d.passes,
                kmeans_iterations=parts[0].n_iter)
 
     if "clip_score" in config.stages:
