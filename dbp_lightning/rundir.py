@@ -60,6 +60,8 @@ def write_run(result: PruneResult, out_dir: str | os.PathLike, config: dict,
     (out / "manifest.json").unlink(missing_ok=True)  # the old run is no longer complete
     for name in ARTIFACTS:
         (out / name).unlink(missing_ok=True)
+    for tmp in [*out.glob(".*.tmp"), *out.glob("plots/.*.tmp")]:  # left by a killed run
+        tmp.unlink(missing_ok=True)
     write_parquet(out / "selection.parquet", result.selection)
     files = ["selection.parquet"]
     if subset is not None:
