@@ -323,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # bad input: one clear line, no traceback
         print(f"dbp-lightning {cfg.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a read-only or vanished directory: one line too
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"dbp-lightning {cfg.command}: error: {exc.strerror or exc}{where}; nothing "
+              "partial was left under a final name", file=sys.stderr)
+        return 1
     parser.print_help()
     return 1
 

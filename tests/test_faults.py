@@ -58,3 +58,33 @@ def test_killed_prune_reruns_to_the_same_outputs(tmp_path, pool):
     assert rerun.wait() == 0, rerun.stderr.read()[-2000:]
     assert _digests(killed) == expected
     assert not list(killed.rglob("*.tmp"))
+
+
+def test_full_disk_stops_with_one_line_and_no_partial_run(tmp_path, pool, monkeypatch, capsys):
+    """ENOSPC while writing the run directory: a one-line error, no manifest, no temp files,
+    and no artifact of the old run left to be mistaken for the new one."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from dbp_lightning.cli import main
+
+    out = tmp_path / "run"
+    argv = ["prune", "--input", str(pool), "--output", str(out), "--stages", "[semdedup, dbp]",
+            "--semdedup.k", "200", "--select.k", "60", "--select.target_fraction", "0.5"]
+    assert main(argv) == 0  # an older complete run is there
+    real = pq.write_table
+
+    def full_disk(table, where, *args, **kwargs):
+        if "clusters" in str(where):  # selection.parquet was written; the disk fills after
+            raise OSError(errno.ENOSPC, "No space left on device", str(where))
+        return real(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", full_disk)
+    capsys.readouterr()
+    assert main(argv) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # not the bars
+    assert len(errors) == 1 and "No space left on device" in errors[0]
+    assert errors[0].split("(")[-1].startswith(str(out / "clusters.parquet"))
+    assert not (out / "manifest.json").exists()  # the run does not claim to be complete
+    assert not (out / "clusters.parquet").exists() and not list(out.rglob("*.tmp"))
