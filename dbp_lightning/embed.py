@@ -139,7 +139,9 @@ class ShardWriter(BasePredictionWriter):
         from tqdm.auto import tqdm
 
         # samples/s of this rank (Lightning's own bar would count chunks)
-        self.bar = tqdm(desc=f"embed (rank {trainer.global_rank})", unit="sample",
+        enc = self.info.get("encoder", {})  # which tower: a demo embeds the pool twice
+        self.bar = tqdm(desc=f"embed {enc.get('model', '')} {enc.get('modality', '')} (rank {trainer.global_rank})",
+                        unit="sample",
                         disable=not trainer.is_global_zero)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
