@@ -24,13 +24,19 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from .config import EncoderConfig, PruneConfig
 
 
-def _prune_parser() -> ArgumentParser:
-    p = ArgumentParser(description="Prune a pool: semdedup -> clip_score -> dbp|ssp|random. "
-                       "Writes selection.parquet, clusters.parquet, subset.npy, plots, "
-                       "report.json and manifest.json into --output.")
-    p.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/prune/*.yaml)")
-    p.add_class_arguments(PruneConfig, nested_key=None, fail_untyped=True)
+def _config_parser(cls, description: str, config_help: str = "YAML config") -> ArgumentParser:
+    """A subcommand whose options are the dataclass ``cls``'s fields, from YAML and flags."""
+    p = ArgumentParser(description=description)
+    p.add_argument("--config", action=ActionConfigFile, help=config_help)
+    p.add_class_arguments(cls, nested_key=None, fail_untyped=True)
     return p
+
+
+def _prune_parser() -> ArgumentParser:
+    return _config_parser(PruneConfig, "Prune a pool: semdedup -> clip_score -> dbp|ssp|random. Writes "
+                          "selection.parquet, clusters.parquet, subset.npy, plots, report.json, "
+                          "report.html (when the pool's shards are at hand) and manifest.json into "
+                          "--output.", "YAML config (configs/prune/*.yaml)")
 
 
 def _embed_parser() -> ArgumentParser:
@@ -91,11 +97,10 @@ def _demo_data_parser() -> ArgumentParser:
 def _compare_parser() -> ArgumentParser:
     from .compare import CompareConfig
 
-    p = ArgumentParser(description="Train one model per subset of a pool (full, semdedup, clip_score, "
+    p = _config_parser(CompareConfig, "Train one model per subset of a pool (full, semdedup, clip_score, "
                        "random, ssp, dbp) and seed at an equal budget, evaluate zero-shot, write "
-                       "compare_results.{md,csv,json} and compare.png. Finished runs are reused.")
-    p.add_argument("--config", action=ActionConfigFile, help="YAML config (configs/compare/*.yaml)")
-    p.add_class_arguments(CompareConfig, nested_key=None, fail_untyped=True)
+                       "compare_results.{md,csv,json} and compare.png. Finished runs are reused.",
+                       "YAML config (configs/compare/*.yaml)")
     p.add_argument("--only", type=Optional[list[str]], default=None,
                    help="run only these subsets (names as in the table: full, dbp-0.5, ...)")
     p.add_argument("--collect", type=bool, default=False,
@@ -106,12 +111,9 @@ def _compare_parser() -> ArgumentParser:
 def _demo_parser() -> ArgumentParser:
     from .demo import DemoConfig
 
-    p = ArgumentParser(description="The offline demo: build the data, embed, prune (SemDeDup -> DBP), "
-                       "train a CLIP on the pruned and the full pool for the same samples seen, "
-                       "evaluate both zero-shot, write report.html, print the table.")
-    p.add_argument("--config", action=ActionConfigFile)
-    p.add_class_arguments(DemoConfig, nested_key=None)
-    return p
+    return _config_parser(DemoConfig, "The offline demo: build the data, embed, prune (SemDeDup -> DBP), "
+                          "train a CLIP on the pruned and the full pool for the same samples seen, "
+                          "evaluate both zero-shot, write report.html, print the table.")
 
 
 def build_parser() -> ArgumentParser:
@@ -163,12 +165,11 @@ def run_prune(config: PruneConfig) -> int:
 
 def _source_shards(store: str) -> list[str] | None:
     """The WebDataset shards an embedding store was made from, when they are all still there."""
-    import json
+    from .store import EmbeddingStore
 
-    manifest = Path(store) / "manifest.json"
-    if not manifest.is_file():
+    if not Path(store).is_dir():  # a .npy input knows no shards
         return None
-    shards = json.loads(manifest.read_text()).get("source_shards")
+    shards = EmbeddingStore(store).manifest.get("source_shards")
     return shards if shards and all(os.path.isfile(s) for s in shards) else None
 
 

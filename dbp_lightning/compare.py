@@ -164,16 +164,18 @@ class Experiment:
         from .data.shards import expand_shards
         from .evaluation.features import task_features
         from .evaluation.tasks import select_tasks
+        from .projection import paired_features
+        from .store import EmbeddingStore
 
         self.cfg = cfg.validate()
         shards = expand_shards(cfg.pool)
         self.image_store = cache.ensure_store(cfg.cache, shards, cfg.image_encoder, num_workers=cfg.num_workers)
         self.text_store = cache.ensure_store(cfg.cache, shards, cfg.text_encoder, num_workers=cfg.num_workers)
+        self.pool_size = len(EmbeddingStore(self.image_store))
+        # every run trains on a subset of these pairs: read both stores once, not once per run
+        self.keys, self.image, self.text = paired_features(self.image_store, self.text_store)
         self.tasks = select_tasks(cfg.tasks)
         self.features = task_features(cfg.cache, cfg.eval_root, self.tasks, cfg.image_encoder, cfg.text_encoder)
-        from .store import EmbeddingStore
-
-        self.pool_size = len(EmbeddingStore(self.image_store))
 
     def prune_dir(self, subset: SubsetSpec, seed: int) -> Path:
         from . import cache
@@ -192,19 +194,21 @@ class Experiment:
         from .atomic import write_json
         from .cache import digest
         from .evaluation.features import evaluate_features
-        from .projection import ProjectionCLIP, paired_features
+        from .projection import ProjectionCLIP
 
         out = Path(self.cfg.out) / "runs" / subset.name / f"seed{seed}"
         prune_dir = self.prune_dir(subset, seed)
         settings = digest({"prune": prune_dir.name, "text": self.text_store.name, "recipe": asdict(self.cfg.recipe),
                            "tasks": {k: f.source for k, f in self.features.items()}, "seed": seed})
         done = out / "result.json"
-        if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
-            return json.loads(done.read_text())
+        finished = json.loads(done.read_text()) if done.is_file() else {}
+        if finished.get("settings") == settings:
+            return finished
         selection = pq.read_table(prune_dir / "selection.parquet", columns=["key", "kept"])
         kept = selection.column("key").to_numpy(zero_copy_only=False)[
             selection.column("kept").to_numpy(zero_copy_only=False)]
-        _, image, text = paired_features(self.image_store, self.text_store, kept)
+        pairs = np.isin(self.keys, kept)
+        image, text = self.image[pairs], self.text[pairs]
         r = self.cfg.recipe
         if len(image) < r.batch_size:
             raise ValueError(f"subsets: {subset.name} keeps {len(image)} pairs, fewer than "
@@ -278,11 +282,20 @@ def collect(cfg: CompareConfig) -> tuple[list[dict], list[dict]]:
     return results, summary
 
 
+#: the fields of a summary row (``collect``) that are not metrics
+SUMMARY_FIELDS = ("subset", "method", "seeds", "train_pairs", "samples_seen")
+
+
+def metric_names(summary: list[dict]) -> list[str]:
+    """The metrics of ``collect``'s summary rows: each task's, then ``average``."""
+    return [k for k in summary[0] if k not in SUMMARY_FIELDS]
+
+
 def format_table(summary: list[dict]) -> str:
     """Markdown: per subset, each metric as mean +- std over seeds (the value, for one seed)."""
     if not summary:
         return "(no finished runs)"
-    metrics = [k for k in summary[0] if k not in ("subset", "method", "seeds", "train_pairs", "samples_seen")]
+    metrics = metric_names(summary)
     lines = ["| subset | training pairs | samples seen | seeds | " + " | ".join(metrics) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(metrics)]
     for row in summary:
@@ -314,5 +327,6 @@ def write_outputs(cfg: CompareConfig, results: list[dict], summary: list[dict]) 
     with atomic_path(out / "compare_results.md") as tmp:
         tmp.write_text(format_table(summary) + "\n")
     if summary:
-        accuracy_vs_cost(summary, cfg.recipe.budget, out / "compare.png")
+        metrics = metric_names(summary)
+        accuracy_vs_cost(summary, metrics[-1:] + metrics[:-1], cfg.recipe.budget, out / "compare.png")
     return out / "compare_results.md"

@@ -70,15 +70,14 @@ def quota_profile(clusters: pa.Table, target: int, path: str | os.PathLike) -> N
     plt.close(fig)
 
 
-def accuracy_vs_cost(summary: list[dict], budget: str, path: str | os.PathLike) -> None:
+def accuracy_vs_cost(summary: list[dict], metrics: list[str], budget: str, path: str | os.PathLike) -> None:
     """Paper Fig. 1/3: zero-shot metric against training cost, mean +- std over seeds.
 
-    ``summary``: rows of ``compare.collect`` (metric -> (mean, std)). Equal samples seen: x is
-    the subset's size, the cost being equal; equal epochs: x is the samples seen, the cost.
+    ``summary``: rows of ``compare.collect`` (metric -> (mean, std)), one panel per ``metrics``
+    name, in that order. Equal samples seen: x is the subset's size, the cost being equal;
+    equal epochs: x is the samples seen, the cost.
     """
     plt = _pyplot()
-    skip = ("subset", "method", "seeds", "train_pairs", "samples_seen")
-    metrics = ["average"] + [k for k in summary[0] if k not in skip and k != "average"]
     xkey = "train_pairs" if budget == "samples_seen" else "samples_seen"
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in summary))

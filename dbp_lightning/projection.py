@@ -26,13 +26,12 @@ from .clip_module import cosine_with_warmup
 from .store import EmbeddingStore
 
 
-def paired_features(image_store: str | Path, text_store: str | Path,
-                    keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def paired_features(image_store: str | Path, text_store: str | Path
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The (image, text) feature pairs of the samples both stores hold.
 
     Args:
         image_store, text_store: embedding stores of the same shards (different encoders).
-        keys: str (M,) sample keys to take (a subset's kept samples); None: every common key.
 
     Returns:
         keys str (P,) in the image store's order, image float32 (P, d_image), text float32
@@ -42,11 +41,9 @@ def paired_features(image_store: str | Path, text_store: str | Path,
     img_keys = img.metadata(["key"]).column("key").to_numpy(zero_copy_only=False)
     txt_keys = txt.metadata(["key"]).column("key").to_numpy(zero_copy_only=False)
     txt_row = {k: i for i, k in enumerate(txt_keys)}
-    wanted = None if keys is None else set(keys)
-    rows = [(i, txt_row[k]) for i, k in enumerate(img_keys)
-            if k in txt_row and (wanted is None or k in wanted)]
+    rows = [(i, txt_row[k]) for i, k in enumerate(img_keys) if k in txt_row]
     if not rows:
-        raise ValueError(f"{image_store} and {text_store} share none of the requested samples")
+        raise ValueError(f"{image_store} and {text_store} share no sample")
     i_rows, t_rows = (np.asarray(r, np.int64) for r in zip(*rows))
     return (img_keys[i_rows], np.asarray(img.embeddings[i_rows], np.float32),
             np.asarray(txt.embeddings[t_rows], np.float32))

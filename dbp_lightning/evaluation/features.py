@@ -82,18 +82,18 @@ def embed_task(task: Task, data_root: str, image_encoder: Encoder, text_encoder:
                for i in range(0, len(captions), batch_size)]
         return torch.cat(out).numpy()
 
-    images, labels, captions, owner = [], [], [], []
+    images, labels, captions, owner, seen = [], [], [], [], 0
     batched = ds.batched(batch_size, collation_fn=image_captions_collate_fn) if retrieval else ds.batched(batch_size)
     for x, y in tqdm(DataLoader(batched, batch_size=None, num_workers=0), desc=f"embed {task.name}",
                      unit="batch", leave=False):
-        first = sum(len(i) for i in images)  # row of this batch's first image
         images.append(image_encoder.embed_images(x).numpy())
         if retrieval:
             for j, caps in enumerate(y):
                 captions += caps
-                owner += [first + j] * len(caps)
+                owner += [seen + j] * len(caps)  # the row of the image these captions describe
         else:
             labels.append(np.asarray(y, np.int64))
+        seen += len(x)
     image = np.concatenate(images)
     if retrieval:
         return TaskFeatures("retrieval", image, text=text(captions), text_image=np.asarray(owner, np.int64))
