@@ -144,17 +144,27 @@ def prune_config(parser: ArgumentParser, cfg) -> PruneConfig:
 
 
 def run_prune(config: PruneConfig) -> int:
+    from .distributed import collective_from_environment
     from .pruning.pipeline import load_input, prune
     from .rundir import write_run
 
     config.validate()
     emb, metadata, input_id = load_input(config)
-    result = prune(emb, config, metadata=metadata, progress=True)
+    comm = collective_from_environment()  # several processes under torchrun or srun
+    if comm.rank != 0:  # one rank tells the story
+        logging.getLogger("dbp_lightning").setLevel(logging.WARNING)
+    try:
+        result = prune(emb, config, metadata=metadata, progress=comm.rank == 0, comm=comm)
+    finally:
+        comm.close()
+    if comm.rank != 0:  # every rank holds the same result; one writes it
+        return 0
     out = write_run(result, config.output, config.to_dict(), input_id)
     print(f"{'stage':<12}{'in':>12}{'out':>12}{'seconds':>10}")
     for st in result.report["stages"]:
         print(f"{st['stage']:<12}{st['in']:>12,}{st['out']:>12,}{st['seconds']:>10.2f}")
-    print(f"kept {result.report['kept']:,} of {result.report['pool']:,} -> {out}")
+    processes = f" ({comm.world_size} processes)" if comm.world_size > 1 else ""
+    print(f"kept {result.report['kept']:,} of {result.report['pool']:,}{processes} -> {out}")
     shards = _source_shards(config.input)
     if shards:  # an embedded pool: the curator's report can show the pictures
         from .report import write_report

@@ -40,7 +40,8 @@ class ClusterIndex(NamedTuple):
         return rank
 
 
-def cluster_index(assignment: np.ndarray, similarity: np.ndarray, k: int | None = None) -> ClusterIndex:
+def cluster_index(assignment: np.ndarray, similarity: np.ndarray, k: int | None = None,
+                  rows: np.ndarray | None = None) -> ClusterIndex:
     """Build the :class:`ClusterIndex` of ``assignment`` ranked by ``similarity``.
 
     Args:
@@ -48,6 +49,9 @@ def cluster_index(assignment: np.ndarray, similarity: np.ndarray, k: int | None 
         similarity: float (N,) cosine similarity of each row to its cluster's centroid.
         k: number of clusters (default ``assignment.max() + 1``); clusters with no member
             get an empty range.
+        rows: optional int64 (M,) increasing row indices: index only these rows (a rank's
+            share of the clusters); ``order`` then holds global row indices, and each cluster's
+            members come in the same order as in the index of all N rows.
     """
     assignment = np.asarray(assignment)
     similarity = np.asarray(similarity)
@@ -59,8 +63,13 @@ def cluster_index(assignment: np.ndarray, similarity: np.ndarray, k: int | None 
     k = int(assignment.max()) + 1 if k is None and assignment.size else int(k or 0)
     if assignment.size and assignment.max() >= k:
         raise ValueError(f"assignment has cluster id {int(assignment.max())} >= k={k}")
-    # lexsort is stable and sorts by the last key first: cluster, then similarity, then row.
+    if rows is not None:
+        assignment, similarity = assignment[rows], similarity[rows]
+    # lexsort is stable and sorts by the last key first: cluster, then similarity, then row
+    # (increasing ``rows`` keep that tie-break).
     order = np.lexsort((similarity, assignment)).astype(np.int64)
+    if rows is not None:
+        order = np.asarray(rows, dtype=np.int64)[order]
     starts = np.zeros(k + 1, np.int64)
     np.cumsum(np.bincount(assignment, minlength=k), out=starts[1:])
     return ClusterIndex(order, starts)

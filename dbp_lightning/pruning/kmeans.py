@@ -8,6 +8,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
+from .collective import Local, block_range, owners
 from .embeddings import as_embeddings
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,14 @@ class KMeansResult(NamedTuple):
 
 
 def assign(x, centroids: np.ndarray, gpu: str | bool = "auto", progress: bool = False,
-           block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+           block_size: int | None = None, comm=None) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by cosine similarity, streamed in blocks.
 
     Args:
         x: (N, d) embeddings (see :class:`~dbp_lightning.pruning.embeddings.Embeddings`).
         centroids: float32 (k, d), unit norm.
+        comm: a :mod:`~dbp_lightning.pruning.collective` collective: each rank assigns its run
+            of blocks, and every rank gets all N rows (default: one process).
 
     Returns:
         assignment int64 (N,) and similarity float32 (N,).
@@ -71,20 +74,24 @@ def assign(x, centroids: np.ndarray, gpu: str | bool = "auto", progress: bool = 
     index.add(centroids)
     if use_gpu(gpu):
         index = faiss.index_cpu_to_all_gpus(index)
-    assignment = np.empty(emb.n, np.int64)
-    similarity = np.empty(emb.n, np.float32)
+    comm = comm or Local()
+    # rows another rank assigns hold max's identity until the reduction fills them in
+    assignment = np.full(emb.n, -1, np.int64)
+    similarity = np.full(emb.n, -np.inf, np.float32)
     step = block_size or emb.block_size
-    for start, block in tqdm(emb.blocks(step), total=-(-emb.n // step), disable=not progress,
-                             desc="assign", unit="block", leave=False):
+    lo, hi = block_range(emb.n, step, comm.rank, comm.world_size)
+    for start in tqdm(range(lo, hi, step), disable=not progress, desc="assign", unit="block",
+                      leave=False):
+        block = emb.rows(start, min(start + step, hi))
         sims, ids = index.search(block, 1)
         assignment[start : start + len(block)] = ids[:, 0]
         similarity[start : start + len(block)] = sims[:, 0]
-    return assignment, similarity
+    return comm.reduce_max(assignment), comm.reduce_max(similarity)
 
 
 def spherical_kmeans(x, k: int, niter: int = 100, seed: int = 0, sample: int | None = None,
                      gpu: str | bool = "auto", tol: float | None = None,
-                     progress: bool = False) -> KMeansResult:
+                     progress: bool = False, comm=None) -> KMeansResult:
     """Spherical k-means (cosine similarity, unit-norm centroids) with faiss.
 
     Trains on ``sample`` rows drawn without replacement with ``seed`` (only those rows are held
@@ -101,11 +108,12 @@ def spherical_kmeans(x, k: int, niter: int = 100, seed: int = 0, sample: int | N
         tol: stop when an iteration improves the objective (sum of cosine similarities) by
             less than ``tol`` relative; checked every 5 iterations. ``None`` runs ``niter``.
         progress: show a progress bar.
+        comm: a :mod:`~dbp_lightning.pruning.collective` collective: rank 0 trains (on all
+            the GPUs faiss sees) and broadcasts the centroids; the ranks split the assignment.
 
     Returns:
-        :class:`KMeansResult` (centroids, assignment, similarity, n_iter).
+        :class:`KMeansResult` (centroids, assignment, similarity, n_iter), the same on every rank.
     """
-    faiss = _faiss()
     emb = as_embeddings(x)
     if not 1 <= k <= emb.n:
         raise ValueError(f"k={k} clusters needs 1 <= k <= N, and N={emb.n} samples")
@@ -116,10 +124,27 @@ def spherical_kmeans(x, k: int, niter: int = 100, seed: int = 0, sample: int | N
     n_train = min(emb.n, 256 * k if sample is None else int(sample))
     if n_train < k:
         raise ValueError(f"sample={sample} is smaller than k={k}: every centroid needs a point")
+    gpu_on = use_gpu(gpu)
+    comm = comm or Local()
+    centroids, done = None, None
+    if comm.rank == 0:
+        centroids, done = _train(emb, k, niter, seed, n_train, gpu_on, tol, progress)
+    centroids = comm.broadcast(centroids)
+    done = int(comm.broadcast(None if done is None else np.array([done]))[0])
+    assignment, similarity = assign(emb, centroids, gpu=gpu_on, progress=progress, comm=comm)
+    log.info("spherical k-means: k=%d, %d train rows, %d iterations, mean cosine %.4f",
+             k, n_train, done, float(similarity.mean(dtype=np.float64)))
+    return KMeansResult(centroids, assignment, similarity, done)
+
+
+def _train(emb, k: int, niter: int, seed: int, n_train: int, gpu_on: bool, tol: float | None,
+           progress: bool) -> tuple[np.ndarray, int]:
+    """Unit-norm centroids float32 (k, d) trained on ``n_train`` rows drawn with ``seed``, and
+    the iterations run."""
+    faiss = _faiss()
     rng = np.random.default_rng(seed)
     train_rows = np.sort(rng.choice(emb.n, n_train, replace=False)) if n_train < emb.n else None
     xt = emb.rows(0, emb.n) if train_rows is None else emb.take(train_rows)
-    gpu_on = use_gpu(gpu)
 
     def run(iters: int, init: np.ndarray | None, train: np.ndarray):
         # max_points_per_centroid above the sample keeps faiss from subsampling again.
@@ -146,11 +171,7 @@ def spherical_kmeans(x, k: int, niter: int = 100, seed: int = 0, sample: int | N
         bar.close()
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-    del xt
-    assignment, similarity = assign(emb, centroids, gpu=gpu_on, progress=progress)
-    log.info("spherical k-means: k=%d, %d train rows, %d iterations, mean cosine %.4f",
-             k, n_train, done, float(similarity.mean(dtype=np.float64)))
-    return KMeansResult(centroids, assignment, similarity, done)
+    return centroids, done
 
 
 #: above this many cells, :func:`partition_kmeans` builds the partition in two levels
@@ -158,7 +179,7 @@ FLAT_MAX_K = 1024
 
 
 def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | None = None,
-                     gpu: str | bool = "auto", progress: bool = False) -> KMeansResult:
+                     gpu: str | bool = "auto", progress: bool = False, comm=None) -> KMeansResult:
     """About ``k`` cells of similar rows (SemDeDup's partition), at a cost that grows with N.
 
     SemDeDup compares pairs inside cells, so its cells must stay small as the pool grows: k
@@ -175,30 +196,39 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
         x, niter, seed, gpu, progress: as :func:`spherical_kmeans`.
         k: cells wanted; the two-level total is within rounding of it.
         sample: training rows of the (first level) k-means; the second level uses its default.
+        comm: a :mod:`~dbp_lightning.pruning.collective` collective: the first level as in
+            :func:`spherical_kmeans`, then the ranks split the coarse cells.
 
     Returns:
         :class:`KMeansResult`: fine centroids (k_total, d), global cell ids, similarity to the
-        assigned centroid, and the first level's iterations.
+        assigned centroid, and the first level's iterations; the same on every rank.
     """
     emb = as_embeddings(x)
     if k <= FLAT_MAX_K:
-        return spherical_kmeans(emb, k, niter=niter, seed=seed, sample=sample, gpu=gpu, progress=progress)
+        return spherical_kmeans(emb, k, niter=niter, seed=seed, sample=sample, gpu=gpu,
+                                progress=progress, comm=comm)
     from .groups import cluster_index
 
+    comm = comm or Local()
     k1 = int(np.ceil(np.sqrt(k)))
-    coarse = spherical_kmeans(emb, k1, niter=niter, seed=seed, sample=sample, gpu=gpu, progress=progress)
+    coarse = spherical_kmeans(emb, k1, niter=niter, seed=seed, sample=sample, gpu=gpu,
+                              progress=progress, comm=comm)
     index = cluster_index(coarse.assignment, coarse.similarity, k1)
-    assignment = np.empty(emb.n, np.int64)
-    similarity = np.empty(emb.n, np.float32)
-    centroids, offset = [], 0
-    for c in tqdm(range(k1), disable=not progress, desc="cells", unit="coarse cell", leave=False):
+    sizes = index.sizes
+    cells = np.minimum(sizes, np.maximum(1, np.rint(k * sizes / emb.n))).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(cells)])
+    # what another rank computes holds max's identity until the reductions fill it in
+    assignment = np.full(emb.n, -1, np.int64)
+    similarity = np.full(emb.n, -np.inf, np.float32)
+    centroids = np.full((int(offsets[-1]), emb.d), -np.inf, np.float32)
+    owner = owners(sizes.astype(np.float64) * cells, comm.world_size)  # Lloyd cost ~ M_c k_c
+    mine = np.flatnonzero((owner == comm.rank) & (sizes > 0))
+    for c in tqdm(mine, disable=not progress, desc="cells", unit="coarse cell", leave=False):
         rows = np.sort(index.members(c))
-        if len(rows) == 0:
-            continue
-        k_c = int(min(len(rows), max(1, round(k * len(rows) / emb.n))))
-        fine = spherical_kmeans(emb.subset(rows), k_c, niter=niter, seed=seed * 1_000_003 + c, gpu=gpu)
-        assignment[rows] = fine.assignment + offset
+        fine = spherical_kmeans(emb.subset(rows), int(cells[c]), niter=niter,
+                                seed=seed * 1_000_003 + int(c), gpu=gpu)
+        assignment[rows] = fine.assignment + offsets[c]
         similarity[rows] = fine.similarity
-        centroids.append(fine.centroids)
-        offset += k_c
-    return KMeansResult(np.concatenate(centroids), assignment, similarity, coarse.n_iter)
+        centroids[offsets[c] : offsets[c + 1]] = fine.centroids
+    return KMeansResult(comm.reduce_max(centroids), comm.reduce_max(assignment),
+                        comm.reduce_max(similarity), coarse.n_iter)

@@ -21,6 +21,7 @@ from ..config import SELECTORS, PruneConfig
 from ..memory import peak_rss_mb
 from ..store import EmbeddingStore, ShardedArray
 from .clip_score import clip_score_filter
+from .collective import Local
 from .complexity import cluster_complexity
 from .embeddings import Embeddings, as_embeddings
 from .kmeans import partition_kmeans, spherical_kmeans
@@ -123,7 +124,7 @@ def _check_selector(selector: str, s, target: int, n_left: int, before: list[str
 
 
 def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
-          progress: bool = False) -> PruneResult:
+          progress: bool = False, comm=None) -> PruneResult:
     """Run ``config.stages`` on the pool ``x``.
 
     Args:
@@ -133,9 +134,12 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
         metadata: N-row table with a unique ``key`` column (and ``uid``, score columns);
             default: keys "0".."N-1" (a store brings its own).
         progress: progress bars.
+        comm: a :mod:`~dbp_lightning.pruning.collective` collective when this process is one
+            of several (every rank calls ``prune`` with the same arguments); default one process.
 
     Returns:
-        :class:`PruneResult`. Same config, seed and input give the same selection.
+        :class:`PruneResult`, the same on every rank. Same config, seed and input give the same
+        selection, bit for bit, with any number of processes.
     """
     config.validate()
     if isinstance(x, EmbeddingStore):
@@ -149,6 +153,7 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
         raise ValueError(f"metadata has {metadata.num_rows} rows, embeddings {n}")
     _check_against_data(config, n, metadata)
     gpu = config.gpu if config.gpu == "auto" else config.gpu in (True, "true")
+    comm = comm or Local()
 
     # Arrow columns, never NumPy object arrays: 10^7 keys as Python strings would take GBs
     cols: dict = {"key": metadata.column("key").combine_chunks()}
@@ -166,10 +171,10 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
     if "semdedup" in config.stages:
         d, t0 = config.semdedup, time.perf_counter()
         parts = [partition_kmeans(emb, d.k, niter=d.niter, seed=config.seed + p, sample=d.sample,
-                                  gpu=gpu, progress=progress) for p in range(d.passes)]
+                                  gpu=gpu, progress=progress, comm=comm) for p in range(d.passes)]
         dup_sim, partner = duplicate_similarity(emb, [p.assignment for p in parts],
                                                 parts[0].similarity, d.block_size, progress,
-                                                return_partner=True)
+                                                return_partner=True, comm=comm)
         threshold = 1.0 - d.eps if d.eps is not None else threshold_for_fraction(dup_sim, d.target_fraction)
         cols["dedup_cluster"] = parts[0].assignment.astype(np.int32)
         cols["dup_sim"] = dup_sim
@@ -199,7 +204,7 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
         target = s.target_size if s.target_size is not None else max(1, round(s.target_fraction * len(rows)))
         _check_selector(selector, s, target, len(rows), config.stages[:config.stages.index(selector)])
         keep_rows, details, clustering = _select(selector, emb.subset(rows), s, target,
-                                                 config.seed, gpu, progress)
+                                                 config.seed, gpu, progress, comm)
         if clustering is not None:
             assignment, similarity, clusters = clustering
             # null, not a sentinel, for samples that never reached the selector
@@ -213,13 +218,13 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
         record(selector, t0, len(rows), target=target, **details)
 
     cols["kept"] = alive
-    report = {"pool": n, "kept": int(alive.sum()), "stages": stages,
+    report = {"pool": n, "kept": int(alive.sum()), "processes": comm.world_size, "stages": stages,
               "seconds": round(sum(st["seconds"] for st in stages), 3),
               "peak_rss_mb": round(peak_rss_mb(), 1)}
     return PruneResult(pa.table(cols), clusters, report)
 
 
-def _select(selector: str, emb: Embeddings, s, target: int, seed: int, gpu, progress: bool):
+def _select(selector: str, emb: Embeddings, s, target: int, seed: int, gpu, progress: bool, comm):
     """Run the selector on the surviving rows.
 
     Returns the keep mask over them, report details, and for dbp/ssp (assignment, similarity,
@@ -228,7 +233,7 @@ def _select(selector: str, emb: Embeddings, s, target: int, seed: int, gpu, prog
     if selector == "random":
         return random_select(emb.n, target, seed), {}, None
     km = spherical_kmeans(emb, s.k, niter=s.niter, seed=seed, sample=s.sample, gpu=gpu,
-                          tol=s.tol, progress=progress)
+                          tol=s.tol, progress=progress, comm=comm)
     details = {"k": s.k, "kmeans_iterations": km.n_iter,
                "kmeans_mean_cosine": round(float(km.similarity.mean(dtype=np.float64)), 6)}
     sizes = np.bincount(km.assignment, minlength=s.k)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
+from .collective import Local, owners
 from .embeddings import as_embeddings
 from .groups import cluster_index
 
@@ -32,7 +33,7 @@ NO_EARLIER = -1.0
 
 
 def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size: int = 4096,
-                         progress: bool = False, return_partner: bool = False):
+                         progress: bool = False, return_partner: bool = False, comm=None):
     """Each row's largest cosine similarity to a member of its cluster ranked before it.
 
     Args:
@@ -45,6 +46,8 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
             never a full M x M matrix for a cluster larger than the block.
         return_partner: also return each row's *partner*, the earlier-ranked member that gives
             its duplicate similarity.
+        comm: a :mod:`~dbp_lightning.pruning.collective` collective: the ranks split the
+            clusters (balanced by pairs, M**2) and every rank gets all N results.
 
     Returns:
         float32 (N,), in [-1, 1]; ``NO_EARLIER`` (-1.0) for each cluster's first member. With
@@ -54,7 +57,7 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
     """
     emb = as_embeddings(x)
     if not isinstance(assignment, np.ndarray) or assignment.ndim == 2:
-        per_part = [duplicate_similarity(emb, a, sim_to_centroid, block_size, progress, True)
+        per_part = [duplicate_similarity(emb, a, sim_to_centroid, block_size, progress, True, comm)
                     for a in assignment]
         sims = np.stack([s for s, _ in per_part])
         best = sims.argmax(axis=0)  # first partition on ties
@@ -66,14 +69,24 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
         raise ValueError(f"assignment has {len(assignment)} rows, embeddings have {emb.n}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    index = cluster_index(assignment, sim_to_centroid)
-    out = np.full(emb.n, NO_EARLIER, np.float32)
+    if assignment.size and assignment.min() < 0:
+        raise ValueError("assignment has negative cluster ids")
+    comm = comm or Local()
+    sizes = np.bincount(assignment)
+    owner = owners(sizes.astype(np.float64) ** 2, comm.world_size)
+    mine = (owner == comm.rank) & (sizes > 1)
+    if comm.world_size == 1:
+        index = cluster_index(assignment, sim_to_centroid, len(sizes))
+    else:  # sort only this rank's clusters' rows
+        index = cluster_index(assignment, sim_to_centroid, len(sizes),
+                              rows=np.flatnonzero(mine[assignment]))
+    # rows another rank handles hold max's identity until the reduction fills them in
+    out = np.full(emb.n, -np.inf, np.float32)
     partner = np.full(emb.n, -1, np.int64)
     # -inf, not NO_EARLIER, masks the diagonal block so that an earlier member at exactly -1.0
     # still counts as a partner; the returned values are clipped to NO_EARLIER as before
     later = np.tril(np.ones((block_size, block_size), bool), k=-1)  # [j, i]: i ranked before j
-    sizes = index.sizes
-    for c in tqdm(np.flatnonzero(sizes > 1), disable=not progress, desc="semdedup",
+    for c in tqdm(np.flatnonzero(mine), disable=not progress, desc="semdedup",
                   unit="cluster", leave=False):
         rows = index.members(c)
         xc = emb.take(rows)  # the cluster's rows: memory grows with the largest cluster
@@ -90,8 +103,10 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
                 top = sims[np.arange(len(xj)), col]
                 better = top > bj  # strict: an earlier block keeps its tie
                 bj[better], aj[better] = top[better], is_ + col[better]
-        out[rows] = np.maximum(best, NO_EARLIER)
+        out[rows] = best
         partner[rows] = np.where(arg >= 0, rows[np.maximum(arg, 0)], -1)
+    out = np.maximum(comm.reduce_max(out), NO_EARLIER)  # also a singleton's NO_EARLIER
+    partner = comm.reduce_max(partner)
     return (out, partner) if return_partner else out
 
 

@@ -1,0 +1,203 @@
+"""Pruning split across processes gives the single-process selection, bit for bit.
+
+Fast checks run the ranks as threads over an in-memory collective; the real thing runs
+``dbp-lightning prune`` as 2 gloo processes under torchrun and under SLURM's variables, and
+compares file hashes with one process on 1 and 2 threads.
+"""
+
+import hashlib
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dbp_lightning.config import PruneConfig, SelectConfig, SemDeDupConfig
+from dbp_lightning.pruning import kmeans
+from dbp_lightning.pruning.collective import block_range, owners
+from dbp_lightning.pruning.groups import cluster_index
+from dbp_lightning.pruning.pipeline import prune
+from dbp_lightning.synthetic import PoolSpec, make_pool, write_pool_store
+
+
+class ThreadCollective:
+    """Ranks as threads: the collective contract (broadcast from rank 0, in-place max)."""
+
+    def __init__(self, rank, world_size, shared):
+        self.rank, self.world_size, self.shared = rank, world_size, shared
+
+    def _exchange(self, value):
+        slots, barrier = self.shared["slots"], self.shared["barrier"]
+        slots[self.rank] = value
+        barrier.wait()
+        seen = list(slots)
+        barrier.wait()  # nobody overwrites a slot before everyone has read it
+        return seen
+
+    def broadcast(self, array):
+        return np.array(self._exchange(array)[0], copy=True)
+
+    def reduce_max(self, array):
+        array[...] = np.maximum.reduce(self._exchange(array.copy()))
+        return array
+
+    def barrier(self):
+        self._exchange(None)
+
+
+def run_ranks(world_size, fn):
+    """fn(comm) on ``world_size`` threads; the results, by rank."""
+    shared = {"slots": [None] * world_size, "barrier": threading.Barrier(world_size, timeout=120)}
+    with ThreadPoolExecutor(world_size) as pool:
+        futures = [pool.submit(fn, ThreadCollective(r, world_size, shared)) for r in range(world_size)]
+        return [f.result() for f in futures]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=7), st.integers(1, 3))
+def test_owners_deal_every_item_once_within_four_thirds_of_the_best(costs, world_size):
+    owner = owners(np.array(costs), world_size)
+    assert owner.shape == (len(costs),) and owner.min() >= 0 and owner.max() < world_size
+    loads = np.bincount(owner, weights=costs, minlength=world_size)
+    best = min(np.bincount(np.array(a), weights=costs, minlength=world_size).max()
+               for a in itertools.product(range(world_size), repeat=len(costs)))
+    assert loads.max() <= 4 / 3 * best + 1e-9
+    assert np.array_equal(owner, owners(np.array(costs), world_size))
+
+
+@given(st.integers(0, 500), st.integers(1, 64), st.integers(1, 4))
+def test_block_ranges_cover_the_rows_once_on_block_boundaries(n, block, world_size):
+    ranges = [block_range(n, block, r, world_size) for r in range(world_size)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    for (lo, hi), (next_lo, _) in zip(ranges, ranges[1:]):
+        assert lo <= hi == next_lo
+        assert hi % block == 0 or hi == n
+
+
+def test_cluster_index_of_some_clusters_orders_them_as_the_whole_index():
+    rng = np.random.default_rng(0)
+    assignment = rng.integers(0, 12, 3000)
+    sim = rng.choice(np.linspace(0, 1, 7), 3000).astype(np.float32)  # many ties: row breaks them
+    whole = cluster_index(assignment, sim, 12)
+    mine = np.isin(np.arange(12), [1, 4, 5, 11])
+    part = cluster_index(assignment, sim, 12, rows=np.flatnonzero(mine[assignment]))
+    for c in range(12):
+        expected = whole.members(c) if mine[c] else np.empty(0, np.int64)
+        assert np.array_equal(part.members(c), expected)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_partition_kmeans_split_by_coarse_cell_equals_one_process(world_size, monkeypatch):
+    monkeypatch.setattr(kmeans, "FLAT_MAX_K", 16)  # two levels on a small pool
+    x, _, _ = make_pool(PoolSpec(n=4000, dim=16, n_concepts=40, seed=5))
+    one = kmeans.partition_kmeans(x, 60, niter=5, seed=2, gpu=False)
+    ranks = run_ranks(world_size, lambda comm: kmeans.partition_kmeans(x, 60, niter=5, seed=2, gpu=False,
+                                                                      comm=comm))
+    for got in ranks:
+        assert got.centroids.shape[0] == one.centroids.shape[0] > 16
+        for a, b in zip(got, one):
+            assert np.array_equal(a, b)
+
+
+CONFIGS = {
+    "semdedup-dbp": dict(stages=["semdedup", "dbp"],
+                         semdedup=SemDeDupConfig(k=30, target_fraction=0.8, block_size=64),
+                         select=SelectConfig(target_fraction=0.5, k=25, num_neighbors=5)),
+    "semdedup-ssp": dict(stages=["semdedup", "ssp"], semdedup=SemDeDupConfig(k=30, eps=0.1, target_fraction=None, passes=1),
+                         select=SelectConfig(target_size=900, k=25, balance_ratio=1.0)),
+    "random": dict(stages=["random"], select=SelectConfig(target_fraction=0.3)),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_prune_split_over_ranks_equals_one_process(name, world_size):
+    x, _, _ = make_pool(PoolSpec(n=3000, dim=24, n_concepts=30, seed=7))
+    config = PruneConfig(input="in-memory", gpu="false", seed=4, **CONFIGS[name])
+    one = prune(x, config)
+    for got in run_ranks(world_size, lambda comm: prune(x, config, comm=comm)):
+        assert got.selection.equals(one.selection)
+        assert (got.clusters is None and one.clusters is None) or got.clusters.equals(one.clusters)
+        assert got.report["processes"] == world_size
+
+
+# --- real processes: torchrun and SLURM's variables, gloo --------------------------------------
+
+DETERMINISTIC = ("selection.parquet", "clusters.parquet", "subset.npy")
+PRUNE = ["prune", "--stages", "[semdedup, dbp]", "--semdedup.k", "1100", "--select.k", "40",
+         "--select.target_fraction", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist") / "pool"
+    write_pool_store(path, PoolSpec(n=40_000, dim=32, n_concepts=150, block=15_000), dtype="float16")
+    return path
+
+
+def _digests(run):
+    return {name: hashlib.sha256((run / name).read_bytes()).hexdigest() for name in DETERMINISTIC}
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "MASTER_", "WORLD_SIZE", "RANK", "LOCAL_RANK"))}
+    return {**env, **extra}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single(store, tmp_path_factory):
+    """One process, on 1 and on 2 threads: the reference digests."""
+    runs = {}
+    for threads in (1, 2):
+        out = tmp_path_factory.mktemp(f"threads{threads}") / "run"
+        proc = subprocess.run([sys.executable, "-m", "dbp_lightning.cli", *PRUNE, "--input", str(store),
+                               "--output", str(out)], capture_output=True, text=True, timeout=600,
+                              env=_env(OMP_NUM_THREADS=str(threads)))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[threads] = _digests(out)
+    assert runs[1] == runs[2]  # threads change nothing
+    return runs[1]
+
+
+def test_torchrun_two_processes_write_the_single_process_selection(store, single, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", "-m", "dbp_lightning.cli", *PRUNE,
+                           "--input", str(store), "--output", str(out)],
+                          capture_output=True, text=True, timeout=600, env=_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(2 processes)" in proc.stdout
+    assert _digests(out) == single
+
+
+def test_slurm_tasks_write_the_single_process_selection(store, single, tmp_path):
+    """Two tasks as srun starts them: rank, size and rendezvous from SLURM's variables."""
+    out, port = tmp_path / "run", _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "dbp_lightning.cli", *PRUNE, "--input", str(store),
+                               "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True,
+                              env=_env(OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
+                                       SLURM_NNODES="1", SLURM_PROCID=str(rank),
+                                       SLURM_LOCALID=str(rank), SLURM_NODEID="0", SLURM_JOB_NAME="dbp",
+                                       SLURM_JOB_ID="4242", SLURM_NODELIST="localhost",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for rank in range(2)]
+    results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    for rc, _, err in results:
+        assert rc == 0, err[-3000:]
+    assert "(2 processes)" in results[0][1] and results[1][1] == ""  # rank 1 writes nothing
+    assert _digests(out) == single
