@@ -67,15 +67,28 @@ def ensure_store(cache_dir: str | os.PathLike, shards: list[str], encoder: Encod
 
 
 def ensure_pruned(cache_dir: str | os.PathLike, store: Path, config: PruneConfig,
-                  progress: bool = True) -> Path:
-    """The complete prune run of ``store`` under ``config``, running it if needed."""
+                  progress: bool = True, comm=None) -> Path:
+    """The complete prune run of ``store`` under ``config``, running it if needed.
+
+    With ``comm`` (a :mod:`~dbp_lightning.pruning.collective` collective), every rank calls
+    this: they take rank 0's view of whether the run exists, prune together, rank 0 writes, and
+    all return once it is written.
+    """
+    import numpy as np
+
+    from .pruning.collective import Local
     from .pruning.pipeline import load_input, prune
     from .rundir import write_run
 
+    comm = comm or Local()
     out = prune_dir(cache_dir, store, config)
-    if not (out / "manifest.json").is_file():
+    missing = np.array([not (out / "manifest.json").is_file()])
+    if comm.broadcast(missing if comm.rank == 0 else None)[0]:  # one decision for all ranks
         config = dataclasses.replace(config, input=str(store), output=str(out))
         emb, metadata, input_id = load_input(config)
-        result = prune(emb, config, metadata=metadata, progress=progress)
-        write_run(result, out, config.to_dict(), input_id)
+        result = prune(emb, config, metadata=metadata, progress=progress and comm.rank == 0,
+                       comm=comm)
+        if comm.rank == 0:
+            write_run(result, out, config.to_dict(), input_id)
+    comm.barrier()
     return out

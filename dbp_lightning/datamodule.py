@@ -1,11 +1,13 @@
 """``DBPDataModule``: WebDataset shards in, a pruned stream of (image, text) batches out.
 
-``prepare_data`` (once per node) embeds the shards and prunes them, or finds both in the cache;
-``setup`` (every process) loads the selection; ``train_dataloader`` streams the source shards
-in order and skips the samples the selection dropped, so no resharding is needed.
+``prepare_data`` (once, on global rank 0) embeds the shards or finds the store in the cache;
+``setup`` (every process) prunes the store with all the Trainer's ranks (each takes a share of
+the clusters, see ``pruning/collective.py``) or finds the run in the cache, then reads which
+samples were kept; ``train_dataloader`` streams the source shards in order and skips the samples
+the selection dropped, so no resharding is needed.
 
 The cache under ``cache_dir`` (an embedding store and a prune run directory, each reused when
-complete) is described in ``cache.py``.
+complete) is described in ``cache.py``; every node must see it (a shared filesystem).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import lightning as L
-import numpy as np
 import pyarrow.parquet as pq
 import webdataset as wds
 
 from . import cache
 from .config import EncoderConfig, PruneConfig
+from .data.keep import KeptSamples
+from .data.reshard import MANIFEST as RESHARD_MANIFEST
 from .data.reshard import reshard
 from .data.shards import decode_caption, decode_image, expand_shards, sample_id, shard_name
 
@@ -90,10 +93,11 @@ class DBPDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.embed_batch_size, self.embed_dtype = embed_batch_size, embed_dtype
         self.reshard = reshard
+        # the cache is shared by all nodes: embedding it once per node would repeat the work
+        self.prepare_data_per_node = False
         self._train_shards: list[str] = self.shards
-        self.selection = None
         self.report: dict = {}
-        self._kept_ids: set[str] = set()
+        self._kept: Optional[KeptSamples] = None
         self._kept_per_shard: dict[str, int] = {}
 
     # ------------------------------------------------------------------ cache paths
@@ -122,42 +126,62 @@ class DBPDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
-        """Embed and prune (once per node), unless the cache has both complete."""
+        """Embed (once, on global rank 0), unless the cache has the store complete."""
         cache.ensure_store(self.cache_dir, self.shards, self.encoder, self.embed_dtype,
                            self.embed_batch_size, min(self.num_workers, 2))
-        cache.ensure_pruned(self.cache_dir, self.store_dir, self.prune_config)
-        if self.reshard:
-            self._load_selection()
-            reshard(self.shards, self._kept_ids, self.reshard_dir, self._reshard_count())
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the selection and the report (every process)."""
-        self._load_selection()
-        if self.reshard:
-            manifest = reshard(self.shards, self._kept_ids, self.reshard_dir, self._reshard_count())
-            self._train_shards = [s["path"] for s in manifest["shards"]]
-            self._kept_per_shard = {shard_name(s["path"]): s["rows"] for s in manifest["shards"]}
+        """Prune with every rank (or find the run), reshard on rank 0 if asked, then load which
+        samples are kept and the report (every process)."""
+        rank, world = self._world()
+        comm = self._collective() if world > 1 else None
+        try:
+            cache.ensure_pruned(self.cache_dir, self.store_dir, self.prune_config, comm=comm)
+            self._load_selection()
+            if self.reshard:
+                if rank == 0:
+                    reshard(self.shards, self._kept, self.reshard_dir, self._reshard_count())
+                if comm is not None:
+                    comm.barrier()
+                manifest = json.loads((self.reshard_dir / RESHARD_MANIFEST).read_text())
+                self._train_shards = [s["path"] for s in manifest["shards"]]
+                self._kept_per_shard = {shard_name(s["path"]): s["rows"] for s in manifest["shards"]}
+        finally:
+            if comm is not None:
+                comm.close()
         module = self.trainer.lightning_module if self.trainer is not None else None
         if self.image_transform is None:
             self.image_transform = getattr(module, "preprocess_train", None) or default_image_transform()
         if self.tokenizer is None:
             self.tokenizer = getattr(module, "tokenizer", None)
 
+    @staticmethod
+    def _collective():
+        """A gloo group over the Trainer's ranks: pruning moves host arrays, whatever backend
+        (NCCL) the training uses."""
+        import torch.distributed as dist
+
+        from .distributed import TIMEOUT
+        from .pruning.collective import TorchCollective
+
+        return TorchCollective(dist.new_group(backend="gloo", timeout=TIMEOUT), owns_group=True)
+
+    @property
+    def selection(self):
+        """The prune run's selection table (pyarrow), read on access: it holds every key, so
+        the streams never load it."""
+        return pq.read_table(self.prune_dir / "selection.parquet")
+
     def _load_selection(self) -> None:
         if not (self.prune_dir / "manifest.json").is_file():
             raise RuntimeError(f"{self.prune_dir}: no complete prune run; prepare_data must run first")
-        self.selection = pq.read_table(self.prune_dir / "selection.parquet")
         self.report = json.loads((self.prune_dir / "report.json").read_text())
-        ids = self.selection.column("uid" if "uid" in self.selection.column_names else "key")
-        kept = self.selection.column("kept").to_numpy(zero_copy_only=False)
-        ids = np.asarray(ids.to_pylist(), dtype=object)
-        self._kept_ids = set(ids[kept])
-        manifest = json.loads((self.store_dir / "manifest.json").read_text())
-        counts = np.add.reduceat(kept, np.cumsum([0] + [s["rows"] for s in manifest["shards"]])[:-1])
-        self._kept_per_shard = {s["name"]: int(c) for s, c in zip(manifest["shards"], counts)}
+        # the stream's filter holds one shard's ids at a time, never a set of the whole pool
+        self._kept = KeptSamples(self.store_dir, self.prune_dir)
+        self._kept_per_shard = self._kept.per_shard()
 
     # ------------------------------------------------------------------ streams
-    def _pipeline(self, shards: list[str], keep: Optional[set]) -> wds.WebDataset:
+    def _pipeline(self, shards: list[str], keep: Optional[KeptSamples]) -> wds.WebDataset:
         rank, world = self._world()
         # split by the Trainer's rank, not webdataset's guess from RANK / torch.distributed
         ds = wds.WebDataset(shards, shardshuffle=False,
@@ -166,7 +190,7 @@ class DBPDataModule(L.LightningDataModule):
                             handler=wds.warn_and_continue)
         ds = ds.map(_with_id)  # parse the json once per sample, for the filter and the batch
         if keep is not None:
-            ds = ds.select(lambda s: s["__id__"] in keep)
+            ds = ds.select(keep)
         return (ds.map(self._to_example).select(lambda e: e is not None)
                   .batched(self.batch_size, partial=world == 1))
 
@@ -198,7 +222,7 @@ class DBPDataModule(L.LightningDataModule):
         per_rank = self.batches_per_rank(world)
         if world > len(self._train_shards):
             raise ValueError(f"{len(self._train_shards)} shards cannot feed {world} ranks")
-        keep = None if self.reshard else self._kept_ids  # resharded tars hold only kept samples
+        keep = None if self.reshard else self._kept  # resharded tars hold only kept samples
         loader = wds.WebLoader(self._pipeline(self._train_shards, keep), batch_size=None,
                                num_workers=self.num_workers)
         n = min(per_rank)  # every rank the same number of steps

@@ -78,10 +78,10 @@ from dbp_lightning.datamodule import DBPDataModule
 from dbp_lightning.encoders import EncoderConfig
 from tiny_clip import TinyCLIP
 
+from dbp_lightning.config import ClipScoreConfig, SemDeDupConfig
 dm = DBPDataModule({wds!r}, cache_dir={cache!r},
                    encoder=EncoderConfig(kind="open_clip", model="tiny-clip"),
-                   prune=PruneConfig(stages={stages!r}, select=SelectConfig(target_fraction=0.5)),
-                   batch_size=3, num_workers=2, embed_batch_size=8)
+                   prune={prune!r}, batch_size=3, num_workers=2, embed_batch_size=8)
 model = TinyCLIP()
 trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                     enable_checkpointing=False, enable_progress_bar=False)
@@ -91,19 +91,34 @@ with open({out!r} + f"/rank{{trainer.global_rank}}.json", "w") as f:
 """
 
 
-@pytest.mark.parametrize("stages", [[], ["random"]], ids=["keep-all", "random-half"])
-def test_two_ddp_ranks_split_the_selection(tmp_path, stages):
+DDP_PRUNE = {
+    "keep-all": PruneConfig(stages=[]),
+    "random-half": PruneConfig(stages=["random"], select=SelectConfig(target_fraction=0.5)),
+    "semdedup-dbp": PruneConfig(stages=["semdedup", "dbp"], semdedup=SemDeDupConfig(k=6, target_fraction=0.9),
+                                select=SelectConfig(target_fraction=0.5, k=8, num_neighbors=3)),
+}
+
+
+@pytest.mark.parametrize("name", DDP_PRUNE)
+def test_two_ddp_ranks_prune_together_and_split_the_selection(tmp_path, name):
     write_shards(tmp_path / "wds", n_shards=4, per_shard=12)
+    prune = DDP_PRUNE[name]
     script = tmp_path / "ddp_fit.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(
         tests=str(Path(__file__).parent), wds=str(tmp_path / "wds"), cache=str(tmp_path / "cache"),
-        out=str(tmp_path), stages=stages)))
+        out=str(tmp_path), prune=prune)))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    dm = make_dm(tmp_path, prune=PruneConfig(stages=stages, select=SelectConfig(target_fraction=0.5)),
-                 batch_size=3)
+    dm = make_dm(tmp_path, prune=prune, batch_size=3)
+    assert json.loads((dm.prune_dir / "report.json").read_text())["processes"] == 2  # pruned by both
+    # the same selection as one process pruning the same store
+    from dbp_lightning.cache import ensure_pruned
+    import pyarrow.parquet as pq
+
+    alone = ensure_pruned(tmp_path / "alone", dm.store_dir, prune, progress=False)
+    assert pq.read_table(alone / "selection.parquet").equals(dm.selection)
     dm.setup("fit")
     seen = ranks[0]["seen"] + ranks[1]["seen"]
     assert len(seen) == len(set(seen)) and set(seen) <= kept_ids(dm)  # never twice, only kept
@@ -114,7 +129,7 @@ def test_two_ddp_ranks_split_the_selection(tmp_path, stages):
         assert {shard_of[s] % 2 for s in ranks[r]["seen"]} <= {r}
         assert len(ranks[r]["seen"]) == ranks[r]["batches"] * 3  # full batches only under DDP
     assert ranks[0]["batches"] == ranks[1]["batches"] == min(dm.batches_per_rank(2))
-    if not stages:  # each worker: one shard of 12 = 4 full batches; nothing is left out
+    if not prune.stages:  # each worker: one shard of 12 = 4 full batches; nothing is left out
         assert len(seen) == 48 and ranks[0]["batches"] == 8
 
 

@@ -6,6 +6,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Protocol
 
 import webdataset as wds
 
@@ -16,8 +17,18 @@ from .shards import iter_shard, sample_id
 MANIFEST = "reshard.json"
 
 
-def reshard(shards: list[str], keep: set[str], out_dir: str | os.PathLike, n_shards: int) -> dict:
-    """Copy the samples whose identity is in ``keep``, in source order, into ``n_shards`` tars
+class Keep(Protocol):
+    """What :func:`reshard` keeps (:class:`~dbp_lightning.data.keep.KeptSamples`)."""
+
+    def __call__(self, sample: dict) -> bool:
+        """Whether to keep ``sample`` (``__url__`` and ``__id__`` set)."""
+
+    def __len__(self) -> int:
+        """Samples it keeps in all."""
+
+
+def reshard(shards: list[str], keep: Keep, out_dir: str | os.PathLike, n_shards: int) -> dict:
+    """Copy the samples ``keep`` accepts, in source order, into ``n_shards`` tars
     ``out_dir/pruned-NNNNN.tar``, filled equally (sizes differ by at most one). Each tar is written
     atomically, ``reshard.json`` last; a complete ``out_dir`` is returned as it is.
 
@@ -42,7 +53,8 @@ def reshard(shards: list[str], keep: set[str], out_dir: str | os.PathLike, n_sha
 
     for shard in shards:
         for sample in iter_shard(shard, counts):
-            if sample_id(sample) not in keep:
+            sample["__id__"] = sample_id(sample)
+            if not keep(sample):
                 continue
             if sink is None or rows == sizes[len(written) - 1]:
                 close()

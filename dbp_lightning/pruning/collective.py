@@ -49,7 +49,8 @@ class TorchCollective:
     Args:
         group: a process group (default: the default group). Its backend must handle CPU tensors
             (gloo); NumPy arrays are shared with torch, never copied to a device.
-        owns_group: :meth:`close` destroys the default process group (it was made for us).
+        owns_group: :meth:`close` destroys the process group (it was made for this collective):
+            the default group when ``group`` is None.
     """
 
     def __init__(self, group=None, owns_group: bool = False):
@@ -90,7 +91,7 @@ class TorchCollective:
     def close(self) -> None:
         """Destroy the process group if this collective created it."""
         if self._owns and self._dist.is_initialized():
-            self._dist.destroy_process_group()
+            self._dist.destroy_process_group(self.group)
 
 
 def owners(costs: np.ndarray, world_size: int) -> np.ndarray:

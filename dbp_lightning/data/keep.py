@@ -1,0 +1,79 @@
+"""Which samples of each source shard a prune run keeps, looked up one shard at a time.
+
+A set of every kept id costs ~100 bytes per sample in every dataloader worker of every rank (10
+GB per process at 10^8 samples). :class:`KeptSamples` holds the run's ``kept`` column (1 byte
+per sample) and the ids of the shard being streamed, read from the embedding store's
+per-shard table. Rows of the selection follow the store's shard order, so shard ``i``'s mask is
+a slice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .shards import shard_name
+
+
+class KeptSamples:
+    """A per-sample keep test over a store and a prune run of it; picklable for workers.
+
+    Args:
+        store: the embedding store directory the run pruned (its manifest lists the shards).
+        run: the prune run directory (its ``selection.parquet`` has a row per store row).
+
+    Calling it on a webdataset sample (with ``__url__`` and ``__id__``, the identity of
+    :func:`~dbp_lightning.data.shards.sample_id`) says whether the run kept it. A sample of a
+    shard the store does not list raises ``KeyError`` naming the shard.
+    """
+
+    def __init__(self, store: str | os.PathLike, run: str | os.PathLike):
+        self.store, self.run = Path(store), Path(run)
+        shards = json.loads((self.store / "manifest.json").read_text())["shards"]
+        rows = np.array([s["rows"] for s in shards], np.int64)
+        starts = np.concatenate([[0], np.cumsum(rows)])
+        self.ranges = {s["name"]: (int(a), int(b)) for s, a, b in zip(shards, starts, starts[1:])}
+        self._mask: np.ndarray | None = None
+        self._shard: str | None = None
+        self._ids: frozenset = frozenset()
+
+    def __getstate__(self):  # workers read what they need themselves
+        return {**self.__dict__, "_mask": None, "_shard": None, "_ids": frozenset()}
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool (N,): the run's ``kept`` column, read on first use."""
+        if self._mask is None:
+            table = pq.read_table(self.run / "selection.parquet", columns=["kept"])
+            self._mask = table.column("kept").to_numpy(zero_copy_only=False)
+            if len(self._mask) != next(reversed(self.ranges.values()), (0, 0))[1]:
+                raise ValueError(f"{self.run / 'selection.parquet'}: {len(self._mask)} rows, the "
+                                 f"store {self.store} has {next(reversed(self.ranges.values()))[1]}")
+        return self._mask
+
+    def __len__(self) -> int:
+        """Samples the run keeps."""
+        return int(self.mask.sum())
+
+    def per_shard(self) -> dict[str, int]:
+        """Kept samples per shard name."""
+        return {name: int(self.mask[a:b].sum()) for name, (a, b) in self.ranges.items()}
+
+    def ids(self, name: str) -> frozenset:
+        """The kept ids of the store shard ``name``."""
+        if name not in self.ranges:
+            raise KeyError(f"shard {name!r} is not in the embedding store {self.store}")
+        table = pq.read_table(self.store / f"{name}.parquet")
+        column = table.column("uid" if "uid" in table.column_names else "key")
+        a, b = self.ranges[name]
+        return frozenset(np.asarray(column.to_pylist(), dtype=object)[self.mask[a:b]])
+
+    def __call__(self, sample: dict) -> bool:
+        name = shard_name(sample["__url__"])
+        if name != self._shard:  # streams read shards one after another
+            self._shard, self._ids = name, self.ids(name)
+        return sample["__id__"] in self._ids
