@@ -30,12 +30,7 @@ from .config import EncoderConfig, PruneConfig
 from .data.keep import KeptSamples
 from .data.reshard import MANIFEST as RESHARD_MANIFEST
 from .data.reshard import reshard
-from .data.shards import decode_caption, decode_image, expand_shards, sample_id, shard_name
-
-
-def _with_id(sample: dict) -> dict:
-    sample["__id__"] = sample_id(sample)
-    return sample
+from .data.shards import decode_caption, decode_image, expand_shards, shard_name, with_id
 
 
 def _every_nth(src, start: int, step: int):
@@ -188,7 +183,7 @@ class DBPDataModule(L.LightningDataModule):
                             nodesplitter=functools.partial(_every_nth, start=rank, step=world),
                             workersplitter=wds.split_by_worker, empty_check=False,
                             handler=wds.warn_and_continue)
-        ds = ds.map(_with_id)  # parse the json once per sample, for the filter and the batch
+        ds = ds.map(with_id)  # parse the json once per sample, for the filter and the batch
         if keep is not None:
             ds = ds.select(keep)
         return (ds.map(self._to_example).select(lambda e: e is not None)

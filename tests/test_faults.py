@@ -88,3 +88,91 @@ def test_full_disk_stops_with_one_line_and_no_partial_run(tmp_path, pool, monkey
     assert errors[0].split("(")[-1].startswith(str(out / "clusters.parquet"))
     assert not (out / "manifest.json").exists()  # the run does not claim to be complete
     assert not (out / "clusters.parquet").exists() and not list(out.rglob("*.tmp"))
+
+
+def _enospc_on(monkeypatch, module, name, when):
+    """Make ``module.name`` (a writer) raise ENOSPC when ``when(args)`` holds."""
+    import errno
+
+    real = getattr(module, name)
+
+    def full_disk(*args, **kwargs):
+        if when(args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, full_disk)
+
+
+def _one_error(capsys) -> str:
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "No space left on device" in errors[0], errors
+    return errors[0]
+
+
+def test_full_disk_while_embedding_keeps_finished_shards_and_resumes(tmp_path, monkeypatch, capsys):
+    """ENOSPC on the third shard: one error line naming its file, no manifest, no temp files;
+    the shards written before stay complete, and a rerun resumes to a clean run's store."""
+    from dbp_lightning import atomic
+    from dbp_lightning.cli import main
+    from wds_util import write_shards
+
+    write_shards(tmp_path / "wds", n_shards=4, per_shard=6)
+
+    def argv(out):
+        return ["embed", "--shards", str(tmp_path / "wds"), "--out", str(out), "--encoder.kind", "open_clip",
+                "--encoder.model", "tiny-clip", "--encoder.modality", "image", "--num_workers", "0",
+                "--batch_size", "4"]
+
+    out = tmp_path / "emb"
+    with monkeypatch.context() as m:
+        _enospc_on(m, atomic.np, "save", lambda args: "shard-00002" in str(getattr(args[0], "name", "")))
+        capsys.readouterr()
+        assert main(argv(out)) == 1
+        error = _one_error(capsys)
+    assert str(out / "shard-00002.npy") in error  # the final name, not the temporary one
+    assert not (out / "manifest.json").exists() and not list(out.rglob("*.tmp"))
+    assert sorted(p.name for p in out.glob("*.done.json")) == ["shard-00000.done.json", "shard-00001.done.json"]
+    assert not (out / "shard-00002.npy").exists()
+    assert main(argv(out)) == 0 and main(argv(tmp_path / "clean")) == 0
+    for shard in (tmp_path / "clean").glob("shard-*.npy"):
+        assert (out / shard.name).read_bytes() == shard.read_bytes()
+
+
+def test_full_disk_while_resharding_leaves_no_partial_tar(tmp_path, monkeypatch):
+    """ENOSPC inside the second resharded tar: the error names that tar, no temp file or
+    manifest is left, and the rerun writes the same tars as a clean run."""
+    import webdataset as wds
+
+    from dbp_lightning.config import PruneConfig, SelectConfig
+    from dbp_lightning.datamodule import DBPDataModule
+    from dbp_lightning.encoders import EncoderConfig
+    from wds_util import write_shards
+
+    write_shards(tmp_path / "wds", n_shards=3, per_shard=10)
+
+    def datamodule(cache):
+        return DBPDataModule(str(tmp_path / "wds"), cache_dir=str(tmp_path / cache),
+                             encoder=EncoderConfig(kind="open_clip", model="tiny-clip", modality="image"),
+                             prune=PruneConfig(stages=["random"], select=SelectConfig(target_fraction=0.6)),
+                             batch_size=4, num_workers=2, embed_batch_size=8, reshard=True)
+
+    dm = datamodule("cache")
+    dm.prepare_data()
+    written = []
+    with monkeypatch.context() as m:
+        # 18 kept samples in 4 tars of 5, 5, 4, 4: the 8th write is inside the second
+        _enospc_on(m, wds.TarWriter, "write", lambda args: written.append(1) or len(written) == 8)
+        with pytest.raises(OSError, match="No space left") as exc:
+            dm.setup("fit")
+    assert exc.value.filename == str(dm.reshard_dir / "pruned-00001.tar")
+    assert not (dm.reshard_dir / "reshard.json").exists() and not list(dm.reshard_dir.rglob("*.tmp"))
+    assert not (dm.reshard_dir / "pruned-00001.tar").exists()
+    dm.setup("fit")
+    clean = datamodule("clean")
+    clean.prepare_data()
+    clean.setup("fit")
+    tars = sorted(clean.reshard_dir.glob("*.tar"))
+    assert len(tars) == 4 and sorted(p.name for p in dm.reshard_dir.glob("*.tar")) == [t.name for t in tars]
+    for tar in tars:
+        assert (dm.reshard_dir / tar.name).read_bytes() == tar.read_bytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections import Counter
@@ -12,7 +13,7 @@ import webdataset as wds
 
 from ..atomic import atomic_path, write_json
 from . import TAR_MTIME
-from .shards import iter_shard, sample_id
+from .shards import iter_shard, with_id
 
 MANIFEST = "reshard.json"
 
@@ -38,34 +39,23 @@ def reshard(shards: list[str], keep: Keep, out_dir: str | os.PathLike, n_shards:
     out = Path(out_dir)
     if (out / MANIFEST).is_file():
         return json.loads((out / MANIFEST).read_text())
-    n_shards = max(1, min(n_shards, len(keep)))
-    sizes = [len(keep) // n_shards + (i < len(keep) % n_shards) for i in range(n_shards)]
-    out.mkdir(parents=True, exist_ok=True)
-    written, rows, sink, tmp_ctx, counts = [], 0, None, None, Counter()
-
-    def close():
-        nonlocal sink, tmp_ctx
-        if sink is not None:
-            sink.close()
-            tmp_ctx.__exit__(None, None, None)  # renames the finished tar into place
-            written[-1]["rows"] = rows
-            sink = tmp_ctx = None
-
-    for shard in shards:
-        for sample in iter_shard(shard, counts):
-            sample["__id__"] = sample_id(sample)
-            if not keep(sample):
-                continue
-            if sink is None or rows == sizes[len(written) - 1]:
-                close()
-                path = out / f"pruned-{len(written):05d}.tar"
-                tmp_ctx = atomic_path(path)
-                sink = wds.TarWriter(str(tmp_ctx.__enter__()), mtime=TAR_MTIME)
-                written.append({"path": str(path), "rows": 0})
-                rows = 0
-            sink.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
-            rows += 1
-    close()
-    manifest = {"shards": written, "samples": sum(s["rows"] for s in written)}
+    total = len(keep)
+    n_shards = max(1, min(n_shards, total))
+    sizes = [total // n_shards + (i < total % n_shards) for i in range(n_shards)]
+    counts = Counter()
+    kept = (sample for shard in shards for sample in iter_shard(shard, counts) if keep(with_id(sample)))
+    written = []
+    for i, size in enumerate(sizes):
+        path, rows = out / f"pruned-{i:05d}.tar", 0
+        # the tar is closed, then renamed into place; a failure (a full disk) leaves neither
+        with atomic_path(path) as tmp, wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
+            for sample in itertools.islice(kept, size):
+                sink.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
+                rows += 1
+        written.append({"path": str(path), "rows": rows})
+        if rows < size:
+            raise ValueError(f"{out}: the shards hold fewer kept samples than the selection's "
+                             f"{total}; were they changed after they were embedded?")
+    manifest = {"shards": written, "samples": total}
     write_json(out / MANIFEST, manifest)
     return manifest

@@ -67,6 +67,12 @@ def sample_id(sample: dict) -> str:
     return sample["__key__"]
 
 
+def with_id(sample: dict) -> dict:
+    """``sample`` with ``__id__`` set to :func:`sample_id` (the json is parsed once)."""
+    sample["__id__"] = sample_id(sample)
+    return sample
+
+
 def has_end_of_archive(path: str) -> bool:
     """Whether the file ends in the two zero blocks every complete tar ends with; a tar cut at a
     member boundary reads without error but lacks them."""
