@@ -282,7 +282,9 @@ def lightning_cli(argv: list[str]) -> int:
     from .clip_module import CLIPModule
     from .datamodule import DBPDataModule
 
-    LightningCLI(CLIPModule, DBPDataModule, args=argv, save_config_kwargs={"overwrite": True},
+    # args=None when they are the command line's own: LightningCLI warns when given both
+    args = None if argv == sys.argv[1:] else argv
+    LightningCLI(CLIPModule, DBPDataModule, args=args, save_config_kwargs={"overwrite": True},
                  parser_kwargs={"prog": f"dbp-lightning {argv[0]}" if argv else "dbp-lightning"})
     return 0
 
