@@ -49,9 +49,31 @@ def store_dir(cache_dir: str | os.PathLike, shards: list[str], encoder: EncoderC
 
 
 def prune_dir(cache_dir: str | os.PathLike, store: Path, config: PruneConfig) -> Path:
-    """Where the prune run of ``store`` under ``config`` lives (input/output do not count)."""
+    """Where the prune run of ``store`` under ``config`` lives (input/output do not count).
+
+    Keyed by the store's manifest when it exists (a store named by the user may be rewritten
+    in place), else by its name (a cache store's name is already a hash of what made it).
+    """
     stages = dataclasses.replace(config, input="-", output="-").to_dict()
-    return Path(cache_dir) / f"prune-{digest({'store': store.name, 'prune': stages})}"
+    manifest = Path(store) / "manifest.json"
+    made_of = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else store.name
+    return Path(cache_dir) / f"prune-{digest({'store': made_of, 'prune': stages})}"
+
+
+def check_store(store: str | os.PathLike, shards: list[str], encoder: EncoderConfig) -> None:
+    """Raise ValueError naming ``store`` unless it is a complete store of ``shards`` by ``encoder``."""
+    from .store import EmbeddingStore
+
+    manifest = EmbeddingStore(store).manifest  # complete, and its files match
+    listed = {s["name"] for s in manifest["shards"] + manifest.get("empty_shards", [])}
+    wanted = {shard_name(s) for s in shards}
+    if listed != wanted:
+        extra, missing = sorted(listed - wanted), sorted(wanted - listed)
+        raise ValueError(f"store: {store} does not hold these shards (missing {missing[:3]}, "
+                         f"extra {extra[:3]})")
+    made_by = manifest.get("encoder")
+    if made_by is not None and made_by != json.loads(json.dumps(vars(encoder))):
+        raise ValueError(f"store: {store} was embedded by {made_by}, not by the encoder {vars(encoder)}")
 
 
 def ensure_store(cache_dir: str | os.PathLike, shards: list[str], encoder: EncoderConfig,

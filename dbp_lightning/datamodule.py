@@ -28,7 +28,6 @@ import webdataset as wds
 from . import cache
 from .config import EncoderConfig, PruneConfig
 from .data.keep import KeptSamples
-from .data.reshard import MANIFEST as RESHARD_MANIFEST
 from .data.reshard import reshard
 from .data.shards import decode_caption, decode_image, expand_shards, shard_name, with_id
 
@@ -63,6 +62,10 @@ class DBPDataModule(L.LightningDataModule):
         reshard: write the kept samples into new, equally filled shards (in the prune run
             directory), as many as a multiple of ranks x workers, and stream those instead of
             filtering the source shards: under DDP nothing is then left out of an epoch.
+        store: an embedding store of ``shards`` already written by ``dbp-lightning embed``
+            (with DDP on many GPUs: embedding inside ``fit`` runs on rank 0 alone while the
+            other ranks wait); it must list the same shards and ``encoder``. Default: embed
+            into ``cache_dir``.
 
     Under DDP every rank must take the same number of steps with full batches (the contrastive
     loss gathers equal-sized batches from all ranks), so an epoch ends at the fewest full
@@ -75,7 +78,7 @@ class DBPDataModule(L.LightningDataModule):
                  image_transform: Optional[Callable] = None, tokenizer: Optional[Callable] = None,
                  batch_size: int = 256, num_workers: int = 4, embed_batch_size: int = 256,
                  embed_dtype: str = "float16", val_shards: Optional[str | list[str]] = None,
-                 reshard: bool = False):
+                 reshard: bool = False, store: Optional[str] = None):
         super().__init__()
         self.shards = expand_shards(shards)
         self.val_shards = expand_shards(val_shards) if val_shards else None
@@ -88,6 +91,7 @@ class DBPDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.embed_batch_size, self.embed_dtype = embed_batch_size, embed_dtype
         self.reshard = reshard
+        self.store = store
         # the cache is shared by all nodes: embedding it once per node would repeat the work
         self.prepare_data_per_node = False
         self._train_shards: list[str] = self.shards
@@ -98,6 +102,8 @@ class DBPDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ cache paths
     @functools.cached_property
     def store_dir(self) -> Path:
+        if self.store:
+            return Path(self.store)
         return cache.store_dir(self.cache_dir, self.shards, self.encoder, self.embed_dtype)
 
     @functools.cached_property
@@ -121,24 +127,24 @@ class DBPDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
-        """Embed (once, on global rank 0), unless the cache has the store complete."""
+        """Embed (once, on global rank 0), unless the cache has the store complete or ``store``
+        names one (then check that it is of these shards and this encoder)."""
+        if self.store:
+            cache.check_store(self.store, self.shards, self.encoder)
+            return
         cache.ensure_store(self.cache_dir, self.shards, self.encoder, self.embed_dtype,
                            self.embed_batch_size, min(self.num_workers, 2))
 
     def setup(self, stage: str | None = None) -> None:
-        """Prune with every rank (or find the run), reshard on rank 0 if asked, then load which
-        samples are kept and the report (every process)."""
-        rank, world = self._world()
-        comm = self._collective() if world > 1 else None
+        """Prune with every rank (or find the run), reshard with every rank if asked, then load
+        which samples are kept and the report (every process)."""
+        comm = self._collective() if self._world()[1] > 1 else None
         try:
             cache.ensure_pruned(self.cache_dir, self.store_dir, self.prune_config, comm=comm)
             self._load_selection()
-            if self.reshard:
-                if rank == 0:
-                    reshard(self.shards, self._kept, self.reshard_dir, self._reshard_count())
-                if comm is not None:
-                    comm.barrier()
-                manifest = json.loads((self.reshard_dir / RESHARD_MANIFEST).read_text())
+            if self.reshard:  # every rank writes some of the new shards
+                manifest = reshard(self.shards, self._kept, self.reshard_dir, self._reshard_count(),
+                                   comm=comm)
                 self._train_shards = [s["path"] for s in manifest["shards"]]
                 self._kept_per_shard = {shard_name(s["path"]): s["rows"] for s in manifest["shards"]}
         finally:
@@ -150,8 +156,7 @@ class DBPDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = getattr(module, "tokenizer", None)
 
-    @staticmethod
-    def _collective():
+    def _collective(self):
         """A gloo group over the Trainer's ranks: pruning moves host arrays, whatever backend
         (NCCL) the training uses."""
         import torch.distributed as dist
@@ -159,7 +164,8 @@ class DBPDataModule(L.LightningDataModule):
         from .distributed import TIMEOUT
         from .pruning.collective import TorchCollective
 
-        return TorchCollective(dist.new_group(backend="gloo", timeout=TIMEOUT), owns_group=True)
+        return TorchCollective(dist.new_group(backend="gloo", timeout=TIMEOUT), owns_group=True,
+                               local_rank=self.trainer.local_rank)
 
     @property
     def selection(self):

@@ -8,6 +8,7 @@ the work (see :mod:`dbp_lightning.pruning.collective`); rank 0 writes the run di
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import timedelta
 
@@ -17,6 +18,8 @@ from .pruning.collective import Local, TorchCollective
 #: ranks' SemDeDup shares differ, so this is generous; a crashed rank is cleaned up by the
 #: launcher (torchrun stops the group; srun --kill-on-bad-exit=1), not by this timeout.
 TIMEOUT = timedelta(hours=2)
+
+log = logging.getLogger(__name__)
 
 #: variables whose presence means a launcher may have started several processes.
 _LAUNCHER_VARS = ("WORLD_SIZE", "SLURM_NTASKS")
@@ -39,8 +42,12 @@ def collective_from_environment() -> Local | TorchCollective:
         return Local()
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        return TorchCollective()
-    dist.init_process_group("gloo", init_method=f"tcp://{env.main_address}:{env.main_port}",
-                            rank=env.global_rank(), world_size=env.world_size(), timeout=TIMEOUT)
-    return TorchCollective(owns_group=True)
+    if dist.is_initialized():  # joined by the caller: pruning's arrays need gloo beside it
+        return TorchCollective(dist.new_group(backend="gloo", timeout=TIMEOUT), owns_group=True,
+                               local_rank=env.local_rank())
+    address = f"tcp://{env.main_address}:{env.main_port}"
+    # a launcher that started fewer processes than it announced leaves this waiting: say so
+    log.info("rank %d of %d: joining the group at %s", env.global_rank(), env.world_size(), address)
+    dist.init_process_group("gloo", init_method=address, rank=env.global_rank(),
+                            world_size=env.world_size(), timeout=TIMEOUT)
+    return TorchCollective(owns_group=True, local_rank=env.local_rank())

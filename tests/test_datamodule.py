@@ -81,7 +81,7 @@ from tiny_clip import TinyCLIP
 from dbp_lightning.config import ClipScoreConfig, SemDeDupConfig
 dm = DBPDataModule({wds!r}, cache_dir={cache!r},
                    encoder=EncoderConfig(kind="open_clip", model="tiny-clip"),
-                   prune={prune!r}, batch_size=3, num_workers=2, embed_batch_size=8)
+                   prune={prune!r}, batch_size=3, num_workers=2, embed_batch_size=8, reshard={reshard!r})
 model = TinyCLIP()
 trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                     enable_checkpointing=False, enable_progress_bar=False)
@@ -99,19 +99,19 @@ DDP_PRUNE = {
 }
 
 
-@pytest.mark.parametrize("name", DDP_PRUNE)
+@pytest.mark.parametrize("name", [*DDP_PRUNE, "random-half+reshard"])
 def test_two_ddp_ranks_prune_together_and_split_the_selection(tmp_path, name):
     write_shards(tmp_path / "wds", n_shards=4, per_shard=12)
-    prune = DDP_PRUNE[name]
+    prune, resharded = DDP_PRUNE[name.split("+")[0]], name.endswith("+reshard")
     script = tmp_path / "ddp_fit.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(
         tests=str(Path(__file__).parent), wds=str(tmp_path / "wds"), cache=str(tmp_path / "cache"),
-        out=str(tmp_path), prune=prune)))
+        out=str(tmp_path), prune=prune, reshard=resharded)))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    dm = make_dm(tmp_path, prune=prune, batch_size=3)
+    dm = make_dm(tmp_path, prune=prune, batch_size=3, reshard=resharded)
     assert json.loads((dm.prune_dir / "report.json").read_text())["processes"] == 2  # pruned by both
     # the same selection as one process pruning the same store
     from dbp_lightning.cache import ensure_pruned
@@ -119,15 +119,21 @@ def test_two_ddp_ranks_prune_together_and_split_the_selection(tmp_path, name):
 
     alone = ensure_pruned(tmp_path / "alone", dm.store_dir, prune, progress=False)
     assert pq.read_table(alone / "selection.parquet").equals(dm.selection)
-    dm.setup("fit")
     seen = ranks[0]["seen"] + ranks[1]["seen"]
     assert len(seen) == len(set(seen)) and set(seen) <= kept_ids(dm)  # never twice, only kept
+    for r in (0, 1):
+        assert len(ranks[r]["seen"]) == ranks[r]["batches"] * 3  # full batches only under DDP
+    if resharded:  # 2 ranks x 2 workers: 4 tars of the 24 kept, written by both ranks
+        manifest = json.loads((dm.prune_dir / "shards-4" / "reshard.json").read_text())
+        assert [s["rows"] for s in manifest["shards"]] == [6] * 4
+        assert ranks[0]["batches"] == ranks[1]["batches"] == 4 and set(seen) == kept_ids(dm)
+        return
+    dm.setup("fit")
     # rank r streams shards r and r + 2 only (sample i lives in shard i // 12)
     from wds_util import uid
     shard_of = {uid(i): i // 12 for i in range(48)}
     for r in (0, 1):
         assert {shard_of[s] % 2 for s in ranks[r]["seen"]} <= {r}
-        assert len(ranks[r]["seen"]) == ranks[r]["batches"] * 3  # full batches only under DDP
     assert ranks[0]["batches"] == ranks[1]["batches"] == min(dm.batches_per_rank(2))
     if not prune.stages:  # each worker: one shard of 12 = 4 full batches; nothing is left out
         assert len(seen) == 48 and ranks[0]["batches"] == 8
@@ -160,3 +166,26 @@ def test_cache_key_follows_shards_encoder_and_weights(tmp_path):
                                                    checkpoint=str(weights))).store_dir != with_weights
     write_shards(tmp_path / "wds", n_shards=2, per_shard=5)  # the shards change
     assert make_dm(tmp_path).store_dir != base
+
+
+def test_a_store_embedded_beforehand_is_used_as_it_is(tmp_path):
+    from dbp_lightning.embed import embed_shards
+
+    write_shards(tmp_path / "wds", n_shards=3, per_shard=8, corrupt={2})
+    store = embed_shards(str(tmp_path / "wds"), str(tmp_path / "emb"), ENCODER, batch_size=8, num_workers=0)
+    dm = make_dm(tmp_path, store=str(tmp_path / "emb"), num_workers=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert not list((tmp_path / "cache").glob("embeddings-*"))  # nothing embedded again
+    assert dm.report["pool"] == len(store) == 23
+    seen = [i for batch in dm.train_dataloader() for i in batch[2]]
+    assert sorted(seen) == sorted(kept_ids(dm))
+    other = make_dm(tmp_path, store=str(tmp_path / "emb"),
+                    encoder=EncoderConfig(kind="open_clip", model="tiny-clip", modality="both"))
+    with pytest.raises(ValueError, match="store: .* was embedded by"):
+        other.prepare_data()
+    write_shards(tmp_path / "more", n_shards=4, per_shard=8)
+    elsewhere = DBPDataModule(str(tmp_path / "more"), cache_dir=str(tmp_path / "cache"), encoder=ENCODER,
+                              prune=PRUNE, store=str(tmp_path / "emb"))
+    with pytest.raises(ValueError, match=r"does not hold these shards \(missing \['shard-00003'\]"):
+        elsewhere.prepare_data()

@@ -11,53 +11,19 @@ import os
 import socket
 import subprocess
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from collective_util import run_ranks
 from dbp_lightning.config import PruneConfig, SelectConfig, SemDeDupConfig
 from dbp_lightning.pruning import kmeans
 from dbp_lightning.pruning.collective import block_range, owners
 from dbp_lightning.pruning.groups import cluster_index
 from dbp_lightning.pruning.pipeline import prune
 from dbp_lightning.synthetic import PoolSpec, make_pool, write_pool_store
-
-
-class ThreadCollective:
-    """Ranks as threads: the collective contract (broadcast from rank 0, in-place max)."""
-
-    def __init__(self, rank, world_size, shared):
-        self.rank, self.world_size, self.shared = rank, world_size, shared
-
-    def _exchange(self, value):
-        slots, barrier = self.shared["slots"], self.shared["barrier"]
-        slots[self.rank] = value
-        barrier.wait()
-        seen = list(slots)
-        barrier.wait()  # nobody overwrites a slot before everyone has read it
-        return seen
-
-    def broadcast(self, array):
-        return np.array(self._exchange(array)[0], copy=True)
-
-    def reduce_max(self, array):
-        array[...] = np.maximum.reduce(self._exchange(array.copy()))
-        return array
-
-    def barrier(self):
-        self._exchange(None)
-
-
-def run_ranks(world_size, fn):
-    """fn(comm) on ``world_size`` threads; the results, by rank."""
-    shared = {"slots": [None] * world_size, "barrier": threading.Barrier(world_size, timeout=120)}
-    with ThreadPoolExecutor(world_size) as pool:
-        futures = [pool.submit(fn, ThreadCollective(r, world_size, shared)) for r in range(world_size)]
-        return [f.result() for f in futures]
 
 
 @settings(max_examples=60, deadline=None)
@@ -201,3 +167,42 @@ def test_slurm_tasks_write_the_single_process_selection(store, single, tmp_path)
         assert rc == 0, err[-3000:]
     assert "(2 processes)" in results[0][1] and results[1][1] == ""  # rank 1 writes nothing
     assert _digests(out) == single
+
+
+class KeepIds:
+    """Keep the samples whose identity is in ``ids``, counted per shard as KeptSamples does."""
+
+    def __init__(self, shards, ids):
+        from collections import Counter
+
+        from dbp_lightning.data.shards import iter_shard, shard_name, with_id
+
+        self.ids = ids
+        self.counts = {shard_name(s): sum(with_id(x)["__id__"] in ids for x in iter_shard(s, Counter()))
+                       for s in shards}
+
+    def __call__(self, sample):
+        return sample["__id__"] in self.ids
+
+    def per_shard(self):
+        return self.counts
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_reshard_split_over_ranks_writes_the_same_tars(tmp_path, world_size):
+    from dbp_lightning.data.reshard import reshard
+    from wds_util import uid, write_shards
+
+    shards = write_shards(tmp_path / "wds", n_shards=5, per_shard=9)
+    rng = np.random.default_rng(0)
+    # 60 % kept, none from shard 2: a tar's first sample must skip a shard with nothing kept
+    ids = {uid(i) for i in range(45) if rng.random() < 0.6 and i // 9 != 2}
+    keep = KeepIds(shards, ids)
+    one = reshard(shards, keep, tmp_path / "one", 7)
+    many = run_ranks(world_size, lambda comm: reshard(shards, keep, tmp_path / "many", 7, comm=comm))
+    assert sum(s["rows"] for s in one["shards"]) == one["samples"] == len(ids)
+    for manifest in many:
+        assert [s["rows"] for s in manifest["shards"]] == [s["rows"] for s in one["shards"]]
+    for tar in sorted((tmp_path / "one").glob("*.tar")):
+        assert (tmp_path / "many" / tar.name).read_bytes() == tar.read_bytes()
+    assert len(list((tmp_path / "many").glob("*.tar"))) == 7 and (tmp_path / "many" / "reshard.json").is_file()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dbp_lightning.cli import build_parser
 
@@ -44,13 +45,18 @@ def test_slurm_script_commands_parse(script, tmp_path):
     assert proc.returncode == 0, proc.stderr
     commands = [json.loads(line) for line in record.read_text().splitlines()]
     assert commands, f"{script.name} runs no dbp-lightning command"
+    encoders = {}
     for argv in commands:
         if argv[0] == "fit":
             out = subprocess.run([sys.executable, "-m", "dbp_lightning.cli", *argv, "--print_config"],
                                  cwd=ROOT, capture_output=True, text=True, timeout=300)
             assert out.returncode == 0 and "num_nodes: 4" in out.stdout, out.stderr[-2000:]
+            encoders["fit"] = yaml.safe_load(out.stdout)["data"]["encoder"]
         else:
             cfg = build_parser().parse_args(argv)
             assert cfg.command == argv[0]
             if argv[0] == "embed":
                 assert cfg.embed.num_nodes == 4 and "{00000000..00012895}" in cfg.embed.shards
+                encoders["embed"] = dict(vars(cfg.embed.encoder))
+    if len(encoders) == 2:  # fit uses the store embed wrote: DBPDataModule refuses another encoder
+        assert encoders["fit"] == encoders["embed"]

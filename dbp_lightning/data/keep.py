@@ -9,6 +9,7 @@ a slice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,20 +29,26 @@ class KeptSamples:
 
     Calling it on a webdataset sample (with ``__url__`` and ``__id__``, the identity of
     :func:`~dbp_lightning.data.shards.sample_id`) says whether the run kept it. A sample of a
-    shard the store does not list raises ``KeyError`` naming the shard.
+    shard the store does not list raises ``KeyError`` naming the shard; a run made from another
+    store raises ``ValueError``.
     """
 
     def __init__(self, store: str | os.PathLike, run: str | os.PathLike):
         self.store, self.run = Path(store), Path(run)
-        shards = json.loads((self.store / "manifest.json").read_text())["shards"]
+        manifest = (self.store / "manifest.json").read_bytes()
+        pruned = json.loads((self.run / "manifest.json").read_text()).get("input")
+        if pruned != hashlib.sha256(manifest).hexdigest():  # the run records its store's digest
+            raise ValueError(f"{self.run}: this prune run was not made from the store {self.store}")
+        shards = json.loads(manifest)["shards"]
         rows = np.array([s["rows"] for s in shards], np.int64)
         starts = np.concatenate([[0], np.cumsum(rows)])
+        self.n = int(starts[-1])
         self.ranges = {s["name"]: (int(a), int(b)) for s, a, b in zip(shards, starts, starts[1:])}
         self._mask: np.ndarray | None = None
         self._shard: str | None = None
         self._ids: frozenset = frozenset()
 
-    def __getstate__(self):  # workers read what they need themselves
+    def __getstate__(self):  # spawned workers read the mask themselves, not through a pipe
         return {**self.__dict__, "_mask": None, "_shard": None, "_ids": frozenset()}
 
     @property
@@ -50,9 +57,9 @@ class KeptSamples:
         if self._mask is None:
             table = pq.read_table(self.run / "selection.parquet", columns=["kept"])
             self._mask = table.column("kept").to_numpy(zero_copy_only=False)
-            if len(self._mask) != next(reversed(self.ranges.values()), (0, 0))[1]:
+            if len(self._mask) != self.n:
                 raise ValueError(f"{self.run / 'selection.parquet'}: {len(self._mask)} rows, the "
-                                 f"store {self.store} has {next(reversed(self.ranges.values()))[1]}")
+                                 f"store {self.store} has {self.n}")
         return self._mask
 
     def __len__(self) -> int:
@@ -67,8 +74,9 @@ class KeptSamples:
         """The kept ids of the store shard ``name``."""
         if name not in self.ranges:
             raise KeyError(f"shard {name!r} is not in the embedding store {self.store}")
-        table = pq.read_table(self.store / f"{name}.parquet")
-        column = table.column("uid" if "uid" in table.column_names else "key")
+        path = self.store / f"{name}.parquet"
+        id_column = "uid" if "uid" in pq.read_schema(path).names else "key"
+        column = pq.read_table(path, columns=[id_column]).column(id_column)
         a, b = self.ranges[name]
         return frozenset(np.asarray(column.to_pylist(), dtype=object)[self.mask[a:b]])
 

@@ -28,6 +28,7 @@ class Local:
     """One process: every collective is the identity."""
 
     rank = 0
+    local_rank = 0
     world_size = 1
 
     def broadcast(self, array: np.ndarray | None) -> np.ndarray:
@@ -44,33 +45,38 @@ class Local:
 
 
 class TorchCollective:
-    """Collectives over the default ``torch.distributed`` process group.
+    """Collectives over a ``torch.distributed`` process group.
 
     Args:
         group: a process group (default: the default group). Its backend must handle CPU tensors
             (gloo); NumPy arrays are shared with torch, never copied to a device.
         owns_group: :meth:`close` destroys the process group (it was made for this collective):
             the default group when ``group`` is None.
+        local_rank: this process's rank on its node: the GPU its faiss work runs on.
+
+    ``rank`` is the rank in ``group``; "rank 0" everywhere here means the group's first member.
     """
 
-    def __init__(self, group=None, owns_group: bool = False):
+    def __init__(self, group=None, owns_group: bool = False, local_rank: int = 0):
         import torch.distributed as dist
 
         self._dist, self.group, self._owns = dist, group, owns_group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self.local_rank = int(local_rank)
 
     def broadcast(self, array: np.ndarray | None) -> np.ndarray:
         """Rank 0's ``array`` on every rank (other ranks pass None); any shape and dtype."""
         import torch
 
         meta = [None if array is None else (array.shape, array.dtype.str)]
-        self._dist.broadcast_object_list(meta, src=0, group=self.group)
+        self._dist.broadcast_object_list(meta, group=self.group, group_src=0)
         shape, dtype = meta[0]
         out = np.ascontiguousarray(array) if self.rank == 0 else np.empty(shape, np.dtype(dtype))
         flat = out.reshape(-1)
         for start in range(0, flat.size, CHUNK):
-            self._dist.broadcast(torch.from_numpy(flat[start : start + CHUNK]), src=0, group=self.group)
+            self._dist.broadcast(torch.from_numpy(flat[start : start + CHUNK]), group=self.group,
+                                 group_src=0)
         return out
 
     def reduce_max(self, array: np.ndarray) -> np.ndarray:

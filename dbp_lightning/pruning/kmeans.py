@@ -62,7 +62,8 @@ def assign(x, centroids: np.ndarray, gpu: str | bool = "auto", progress: bool = 
         x: (N, d) embeddings (see :class:`~dbp_lightning.pruning.embeddings.Embeddings`).
         centroids: float32 (k, d), unit norm.
         comm: a :mod:`~dbp_lightning.pruning.collective` collective: each rank assigns its run
-            of blocks, and every rank gets all N rows (default: one process).
+            of blocks (on GPU ``local_rank`` modulo the GPUs it sees), and every rank gets all
+            N rows (default: one process, on all the GPUs faiss sees).
 
     Returns:
         assignment int64 (N,) and similarity float32 (N,).
@@ -70,11 +71,15 @@ def assign(x, centroids: np.ndarray, gpu: str | bool = "auto", progress: bool = 
     faiss = _faiss()
     emb = as_embeddings(x)
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    comm = comm or Local()
     index = faiss.IndexFlatIP(emb.d)
     index.add(centroids)
-    if use_gpu(gpu):
+    resources = None
+    if use_gpu(gpu) and comm.world_size == 1:
         index = faiss.index_cpu_to_all_gpus(index)
-    comm = comm or Local()
+    elif use_gpu(gpu):  # processes sharing a node: each on its own GPU, not a replica on all
+        resources = faiss.StandardGpuResources()  # lives as long as the index is searched
+        index = faiss.index_cpu_to_gpu(resources, comm.local_rank % faiss.get_num_gpus(), index)
     # rows another rank assigns hold max's identity until the reduction fills them in
     assignment = np.full(emb.n, -1, np.int64)
     similarity = np.full(emb.n, -np.inf, np.float32)
