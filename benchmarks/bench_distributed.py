@@ -81,8 +81,8 @@ def main() -> None:
 
     base = rows[0][1]
     print(f"\nprune of {args.n:,} x 256 float16 on {cores} cores; median of {args.repeats} runs\n")
-    print(f"| setting | wall (s) | semdedup (s) | dbp (s) | peak RSS, largest process (GiB) "
-          f"| wall vs baseline | selection = baseline |")
+    print("| setting | wall (s) | semdedup (s) | dbp (s) | peak RSS, largest process (GiB) "
+          "| wall vs baseline | selection = baseline |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for s, m in rows:
         same = "yes" if m["digests"] == base["digests"] and len(m["digests"]) == 1 else "NO"
