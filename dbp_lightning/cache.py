@@ -107,7 +107,7 @@ def ensure_pruned(cache_dir: str | os.PathLike, store: Path, config: PruneConfig
     missing = np.array([not (out / "manifest.json").is_file()])
     if comm.broadcast(missing if comm.rank == 0 else None)[0]:  # one decision for all ranks
         config = dataclasses.replace(config, input=str(store), output=str(out))
-        emb, metadata, input_id = load_input(config)
+        emb, metadata, input_id = load_input(config, comm)
         result = prune(emb, config, metadata=metadata, progress=progress and comm.rank == 0,
                        comm=comm)
         if comm.rank == 0:

@@ -149,11 +149,11 @@ def run_prune(config: PruneConfig) -> int:
     from .rundir import write_run
 
     config.validate()
-    emb, metadata, input_id = load_input(config)
     comm = collective_from_environment()  # several processes under torchrun or srun
     if comm.rank != 0:  # one rank tells the story
         logging.getLogger("dbp_lightning").setLevel(logging.WARNING)
     try:
+        emb, metadata, input_id = load_input(config, comm)
         result = prune(emb, config, metadata=metadata, progress=comm.rank == 0, comm=comm)
     finally:
         comm.close()

@@ -206,3 +206,35 @@ def test_reshard_split_over_ranks_writes_the_same_tars(tmp_path, world_size):
     for tar in sorted((tmp_path / "one").glob("*.tar")):
         assert (tmp_path / "many" / tar.name).read_bytes() == tar.read_bytes()
     assert len(list((tmp_path / "many").glob("*.tar"))) == 7 and (tmp_path / "many" / "reshard.json").is_file()
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_validation_split_over_ranks_raises_alike_on_every_rank(world_size):
+    from dbp_lightning.pruning.embeddings import Embeddings
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1000, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[10] *= 1.5  # off unit norm: normalised on read, counted by whichever rank reads it
+    x[990] *= 0.5
+
+    def opened(array):
+        def open_on(comm):
+            try:
+                return Embeddings(array, block_size=64, comm=comm).normalize
+            except ValueError as exc:
+                return str(exc)
+        return open_on
+
+    with pytest.warns(UserWarning, match="2 of 1000 rows are not L2-normalised"):
+        assert Embeddings(x, block_size=64).normalize
+    assert all(run_ranks(world_size, opened(x)))
+    bad = x.copy()
+    bad[700] = 0.0  # a later rank's share
+    bad[900, 3] = np.nan
+    single = opened(bad)(None)
+    assert single == "embeddings: row 700 is all zeros and has no direction; drop it before pruning"
+    assert run_ranks(world_size, opened(bad)) == [single] * world_size
+    bad[100, 0] = np.inf  # now rank 0's share holds the first bad row
+    assert run_ranks(world_size, opened(bad)) == [opened(bad)(None)] * world_size
+    assert "row 100 has NaN or inf" in opened(bad)(None)

@@ -14,10 +14,14 @@ from typing import Iterator
 
 import numpy as np
 
+from .collective import Local, block_range
+
 log = logging.getLogger(__name__)
 
 #: rows are unit-norm when | ||x|| - 1 | is below this (float16 storage rounds to ~1e-3).
 NORM_TOLERANCE = 2e-3
+
+_NOT_FINITE, _ZERO = 0, 1  # what is wrong with a bad row
 
 
 class Embeddings:
@@ -29,6 +33,8 @@ class Embeddings:
             :class:`~dbp_lightning.store.ShardedArray`).
         block_size: rows per block in :meth:`blocks` and in the validation pass.
         name: how error messages name the input (a file or store path).
+        comm: a :mod:`~dbp_lightning.pruning.collective` collective: the ranks validate a share
+            of the blocks each and all raise (or warn) alike.
 
     Validation reads ``x`` once, block by block. NaN/inf values and all-zero rows are refused
     with a ``ValueError`` naming the first bad row. Rows that are finite but not unit-norm are
@@ -36,7 +42,7 @@ class Embeddings:
     L2-normalised; cosine similarity is what every stage means).
     """
 
-    def __init__(self, x, block_size: int = 65536, name: str = "embeddings"):
+    def __init__(self, x, block_size: int = 65536, name: str = "embeddings", comm=None):
         shape = tuple(getattr(x, "shape", ()))
         if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
             raise ValueError(f"{name}: expected a non-empty 2-D array (N, d), got shape {shape}")
@@ -49,23 +55,34 @@ class Embeddings:
         self.n, self.d = int(shape[0]), int(shape[1])
         self.block_size = int(block_size)
         self.normalize = False
-        self._validate()
+        self._validate(comm or Local())
 
-    def _validate(self) -> None:
-        off_norm = 0
-        for start in range(0, self.n, self.block_size):
-            block = np.asarray(self.x[start : start + self.block_size], dtype=np.float32)
+    def _validate(self, comm) -> None:
+        # per rank: [first bad row, its problem, rows off unit norm]; -1 is max's identity
+        found = np.full((comm.world_size, 3), -1, np.int64)
+        found[comm.rank] = (-1, -1, 0)
+        lo, hi = block_range(self.n, self.block_size, comm.rank, comm.world_size)
+        for start in range(lo, hi, self.block_size):
+            block = np.asarray(self.x[start : min(start + self.block_size, hi)], dtype=np.float32)
             finite = np.isfinite(block).all(axis=1)
+            norms = np.linalg.norm(block, axis=1)
             if not finite.all():
-                row = start + int(np.argmin(finite))
+                found[comm.rank, :2] = start + int(np.argmin(finite)), _NOT_FINITE
+                break
+            if (norms == 0).any():
+                found[comm.rank, :2] = start + int(np.argmin(norms)), _ZERO
+                break
+            found[comm.rank, 2] += int((np.abs(norms - 1.0) > NORM_TOLERANCE).sum())
+        found = comm.reduce_max(found)
+        bad = found[found[:, 0] >= 0]
+        if len(bad):  # the first rank's rows come first: its bad row is the matrix's first
+            row, problem = int(bad[0, 0]), int(bad[0, 1])
+            if problem == _NOT_FINITE:
                 raise ValueError(f"{self.name}: row {row} has NaN or inf values; "
                                  "re-embed that sample or drop it before pruning")
-            norms = np.linalg.norm(block, axis=1)
-            if (norms == 0).any():
-                row = start + int(np.argmin(norms))
-                raise ValueError(f"{self.name}: row {row} is all zeros and has no direction; "
-                                 "drop it before pruning")
-            off_norm += int((np.abs(norms - 1.0) > NORM_TOLERANCE).sum())
+            raise ValueError(f"{self.name}: row {row} is all zeros and has no direction; "
+                             "drop it before pruning")
+        off_norm = int(found[:, 2].sum())
         if off_norm:
             self.normalize = True
             warnings.warn(f"{self.name}: {off_norm} of {self.n} rows are not L2-normalised; "
@@ -117,6 +134,7 @@ class _RowSubset:
         return self.x[self.rows[item]]
 
 
-def as_embeddings(x, name: str = "embeddings") -> Embeddings:
-    """Wrap ``x`` in :class:`Embeddings` (validating it) unless it already is one."""
-    return x if isinstance(x, Embeddings) else Embeddings(x, name=name)
+def as_embeddings(x, name: str = "embeddings", comm=None) -> Embeddings:
+    """Wrap ``x`` in :class:`Embeddings` (validating it, split over ``comm``'s ranks) unless it
+    already is one."""
+    return x if isinstance(x, Embeddings) else Embeddings(x, name=name, comm=comm)

@@ -56,12 +56,16 @@ class PruneResult:
         return self.selection.column("kept").to_numpy(zero_copy_only=False)
 
 
-def load_input(config: PruneConfig) -> tuple[Embeddings, pa.Table, str]:
-    """Open ``config.input`` (a store directory or a .npy file) as (embeddings, metadata, id)."""
+def load_input(config: PruneConfig, comm=None) -> tuple[Embeddings, pa.Table, str]:
+    """Open ``config.input`` (a store directory or a .npy file) as (embeddings, metadata, id).
+
+    The embeddings are validated in one pass, split over ``comm``'s ranks when given.
+    """
     path = Path(config.input)
     if path.is_dir():
         store = EmbeddingStore(path)
-        return as_embeddings(store.embeddings, name=str(path)), store.metadata(), store.fingerprint()
+        return (as_embeddings(store.embeddings, name=str(path), comm=comm), store.metadata(),
+                store.fingerprint())
     if path.suffix != ".npy" or not path.is_file():
         raise ValueError(f"input: {path} is neither an embedding store directory nor a .npy file")
     try:
@@ -80,7 +84,8 @@ def load_input(config: PruneConfig) -> tuple[Embeddings, pa.Table, str]:
     else:
         table = pa.table({"key": pa.array(np.arange(len(x))).cast(pa.string())})
     st = path.stat()
-    return as_embeddings(x, name=str(path)), table, f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return (as_embeddings(x, name=str(path), comm=comm), table,
+            f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}")
 
 
 def _check_against_data(config: PruneConfig, n: int, metadata: pa.Table) -> None:
