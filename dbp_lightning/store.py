@@ -106,8 +106,9 @@ class ShardedArray:
             # a copy: the caller's block must not keep pages that _account is about to drop
             out = np.array(self.arrays[first][start - o : stop - o])
         else:
-            out = np.concatenate([self.arrays[s][max(start - self.offsets[s], 0) : min(stop - self.offsets[s], len(self.arrays[s]))]
-                                  for s in range(first, last + 1)])
+            out = np.concatenate([a[max(start - o, 0) : min(stop - o, len(a))]
+                                  for a, o in zip(self.arrays[first : last + 1],
+                                                  self.offsets[first : last + 1])])
         self._account(out.nbytes)
         return out
 

@@ -5,9 +5,9 @@ validation, k-means assignment) or some whole clusters (SemDeDup's pairwise sear
 cells of a two-level partition) exactly as one process would compute them. Every rank
 initialises the outputs it does not own to the identity of ``max`` (-inf, -1), and an
 element-wise max over ranks reassembles them. Nothing is summed or averaged across ranks, so on
-CPU the selection is bit-identical for any number of processes. Small serial work, such as training k-means on a sample, runs on rank 0 and
-is broadcast. O(N) bookkeeping (sorts, quotas, selection) is repeated on every rank, which
-avoids a second gather.
+CPU the selection is bit-identical for any number of processes. Small serial work, such as
+training k-means on a sample, runs on rank 0 and is broadcast. O(N) bookkeeping (sorts, quotas,
+selection) is repeated on every rank, which avoids a second gather.
 
 :class:`Local` is the single-process default. :class:`TorchCollective` runs over an initialised
 ``torch.distributed`` process group (gloo: the arrays live in host memory). It is created by

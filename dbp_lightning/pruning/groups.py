@@ -40,13 +40,14 @@ class ClusterIndex(NamedTuple):
         return rank
 
 
-def cluster_index(assignment: np.ndarray, similarity: np.ndarray, k: int | None = None,
+def cluster_index(assignment: np.ndarray, similarity: np.ndarray | None, k: int | None = None,
                   rows: np.ndarray | None = None) -> ClusterIndex:
     """Build the :class:`ClusterIndex` of ``assignment`` ranked by ``similarity``.
 
     Args:
         assignment: int (N,) cluster of each row, in [0, k).
-        similarity: float (N,) cosine similarity of each row to its cluster's centroid.
+        similarity: float (N,) cosine similarity of each row to its cluster's centroid; None
+            ranks members by row alone (a grouping, as the two-level partition needs).
         k: number of clusters (default ``assignment.max() + 1``); clusters with no member
             get an empty range.
         rows: optional int64 (M,) increasing row indices: index only these rows (a rank's
@@ -54,20 +55,24 @@ def cluster_index(assignment: np.ndarray, similarity: np.ndarray, k: int | None 
             members come in the same order as in the index of all N rows.
     """
     assignment = np.asarray(assignment)
-    similarity = np.asarray(similarity)
-    if assignment.ndim != 1 or similarity.shape != assignment.shape:
+    ranked = similarity is not None
+    if ranked:
+        similarity = np.asarray(similarity)
+    if assignment.ndim != 1 or (ranked and similarity.shape != assignment.shape):
         raise ValueError(f"assignment and similarity must be 1-D of equal length, got "
-                         f"{assignment.shape} and {similarity.shape}")
+                         f"{assignment.shape} and {getattr(similarity, 'shape', None)}")
     if assignment.size and assignment.min() < 0:
         raise ValueError("assignment has negative cluster ids")
     k = int(assignment.max()) + 1 if k is None and assignment.size else int(k or 0)
     if assignment.size and assignment.max() >= k:
         raise ValueError(f"assignment has cluster id {int(assignment.max())} >= k={k}")
     if rows is not None:
-        assignment, similarity = assignment[rows], similarity[rows]
-    # lexsort is stable and sorts by the last key first: cluster, then similarity, then row
-    # (increasing ``rows`` keep that tie-break).
-    order = np.lexsort((similarity, assignment)).astype(np.int64)
+        assignment = assignment[rows]
+        similarity = similarity[rows] if ranked else None
+    # stable sorts: cluster, then similarity, then row (increasing ``rows`` keep that tie-break);
+    # lexsort sorts by the last key first
+    order = (np.lexsort((similarity, assignment)) if ranked
+             else np.argsort(assignment, kind="stable")).astype(np.int64)
     if rows is not None:
         order = np.asarray(rows, dtype=np.int64)[order]
     starts = np.zeros(k + 1, np.int64)

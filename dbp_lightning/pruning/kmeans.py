@@ -74,10 +74,10 @@ def assign(x, centroids: np.ndarray, gpu: str | bool = "auto", progress: bool = 
     comm = comm or Local()
     index = faiss.IndexFlatIP(emb.d)
     index.add(centroids)
-    resources = None
-    if use_gpu(gpu) and comm.world_size == 1:
+    resources, gpu_on = None, use_gpu(gpu)
+    if gpu_on and comm.world_size == 1:
         index = faiss.index_cpu_to_all_gpus(index)
-    elif use_gpu(gpu):  # processes sharing a node: each on its own GPU, not a replica on all
+    elif gpu_on:  # processes sharing a node: each on its own GPU, not a replica on all
         resources = faiss.StandardGpuResources()  # lives as long as the index is searched
         index = faiss.index_cpu_to_gpu(resources, comm.local_rank % faiss.get_num_gpus(), index)
     # rows another rank assigns hold max's identity until the reduction fills them in
@@ -218,7 +218,7 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
     k1 = int(np.ceil(np.sqrt(k)))
     coarse = spherical_kmeans(emb, k1, niter=niter, seed=seed, sample=sample, gpu=gpu,
                               progress=progress, comm=comm)
-    index = cluster_index(coarse.assignment, coarse.similarity, k1)
+    index = cluster_index(coarse.assignment, None, k1)  # each cell's rows, in row order
     sizes = index.sizes
     cells = np.minimum(sizes, np.maximum(1, np.rint(k * sizes / emb.n))).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(cells)])
@@ -229,7 +229,7 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
     owner = owners(sizes.astype(np.float64) * cells, comm.world_size)  # Lloyd cost ~ M_c k_c
     mine = np.flatnonzero((owner == comm.rank) & (sizes > 0))
     for c in tqdm(mine, disable=not progress, desc="cells", unit="coarse cell", leave=False):
-        rows = np.sort(index.members(c))
+        rows = index.members(c)
         fine = spherical_kmeans(emb.subset(rows), int(cells[c]), niter=niter,
                                 seed=seed * 1_000_003 + int(c), gpu=gpu)
         assignment[rows] = fine.assignment + offsets[c]
