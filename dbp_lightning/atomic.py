@@ -30,7 +30,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except OSError as exc:  # name the file being written, not its temporary twin
+    except OSError as exc:
+        if exc.filename not in (None, tmp, str(tmp)):
+            raise  # about another file (an input read inside the block): its own name
+        # name the file being written, not its temporary twin
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     finally:
         if os.path.exists(tmp):

@@ -37,27 +37,32 @@ def shards_fingerprint(paths: list[str]) -> list[tuple]:
     return [(shard_name(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
 
 
+def encoder_key(encoder: EncoderConfig) -> dict:
+    """What an embedding by ``encoder`` depends on: its config, its weights and config files
+    (replacing one changes the key) and the package versions."""
+    from .rundir import versions
+
+    return {"encoder": vars(encoder), "versions": versions(),
+            "files": [_file_stamp(encoder.checkpoint), _file_stamp(encoder.model)]}
+
+
 def store_dir(cache_dir: str | os.PathLike, shards: list[str], encoder: EncoderConfig,
               dtype: str) -> Path:
     """Where the store of ``shards`` embedded by ``encoder`` lives (whether or not it exists)."""
-    from .rundir import versions
-
-    key = digest({"shards": shards_fingerprint(shards), "encoder": vars(encoder),
-                  "files": [_file_stamp(encoder.checkpoint), _file_stamp(encoder.model)],
-                  "dtype": dtype, "versions": versions()})
+    key = digest({"shards": shards_fingerprint(shards), **encoder_key(encoder), "dtype": dtype})
     return Path(cache_dir) / f"embeddings-{key}"
 
 
 def prune_dir(cache_dir: str | os.PathLike, store: Path, config: PruneConfig) -> Path:
     """Where the prune run of ``store`` under ``config`` lives (input/output do not count).
 
-    Keyed by the store's manifest when it exists (a store named by the user may be rewritten
-    in place), else by its name (a cache store's name is already a hash of what made it).
+    Keyed by the complete store's fingerprint (a store named by the user may be rewritten in
+    place), so the store must exist.
     """
+    from .store import fingerprint
+
     stages = dataclasses.replace(config, input="-", output="-").to_dict()
-    manifest = Path(store) / "manifest.json"
-    made_of = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else store.name
-    return Path(cache_dir) / f"prune-{digest({'store': made_of, 'prune': stages})}"
+    return Path(cache_dir) / f"prune-{digest({'store': fingerprint(store), 'prune': stages})}"
 
 
 def check_store(store: str | os.PathLike, shards: list[str], encoder: EncoderConfig) -> None:

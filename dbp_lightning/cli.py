@@ -175,11 +175,11 @@ def run_prune(config: PruneConfig) -> int:
 
 def _source_shards(store: str) -> list[str] | None:
     """The WebDataset shards an embedding store was made from, when they are all still there."""
-    from .store import EmbeddingStore
+    from .store import read_manifest
 
     if not Path(store).is_dir():  # a .npy input knows no shards
         return None
-    shards = EmbeddingStore(store).manifest.get("source_shards")
+    shards = read_manifest(store).get("source_shards")
     return shards if shards and all(os.path.isfile(s) for s in shards) else None
 
 

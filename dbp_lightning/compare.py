@@ -95,6 +95,7 @@ class CompareConfig:
     num_workers: int = 2
 
     def validate(self) -> "CompareConfig":
+        from .evaluation.features import FEATURE_KINDS
         from .evaluation.tasks import select_tasks
 
         def check(ok: bool, message: str) -> None:
@@ -103,7 +104,11 @@ class CompareConfig:
 
         check(bool(self.pool), "pool: give the training shards")
         check(bool(self.eval_root), "eval_root: give the folder of held-out tasks")
-        check(bool(select_tasks(self.tasks)), "tasks: give at least one")  # raises naming an unknown key
+        tasks = select_tasks(self.tasks)  # raises naming an unknown key
+        check(bool(tasks), "tasks: give at least one")
+        other = [t.key for t in tasks if t.kind not in FEATURE_KINDS]
+        check(not other, f"tasks: {', '.join(other)} need the full evaluation (dbp-lightning eval); "
+                         f"compare scores {' and '.join(FEATURE_KINDS)} tasks on cached features")
         self.image_encoder.validate()
         self.text_encoder.validate()
         check(self.text_encoder.modality == "text", "text_encoder.modality must be text")
@@ -235,21 +240,20 @@ class Experiment:
         return result
 
 
-def selected_runs(cfg: CompareConfig, only: Optional[list[str]] = None,
-                  seeds: Optional[list[int]] = None) -> list[tuple[SubsetSpec, int]]:
+def selected_runs(cfg: CompareConfig, only: Optional[list[str]] = None) -> list[tuple[SubsetSpec, int]]:
+    """(subset, seed) pairs of ``cfg`` (its subsets named in ``only``, when given)."""
     specs = cfg.subset_specs
     unknown = sorted(set(only or []) - {s.name for s in specs})
     if unknown:
         raise ValueError(f"--only: no subset {unknown[0]!r}; the config has {', '.join(cfg.subsets)}")
-    return [(s, seed) for s in specs if not only or s.name in only for seed in (seeds or cfg.seeds)]
+    return [(s, seed) for s in specs if not only or s.name in only for seed in cfg.seeds]
 
 
-def run_compare(cfg: CompareConfig, only: Optional[list[str]] = None, seeds: Optional[list[int]] = None,
-                progress: bool = True) -> list[dict]:
+def run_compare(cfg: CompareConfig, only: Optional[list[str]] = None, progress: bool = True) -> list[dict]:
     """Run the selected (subset, seed) pairs that have not finished; returns their results."""
     from tqdm.auto import tqdm
 
-    runs = selected_runs(cfg, only, seeds)
+    runs = selected_runs(cfg, only)
     experiment = Experiment(cfg)
     results = []
     with tqdm(runs, desc="compare", unit="model", disable=not progress) as bar:

@@ -138,7 +138,9 @@ class DBPDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Prune with every rank (or find the run), reshard with every rank if asked, then load
         which samples are kept and the report (every process)."""
-        comm = self._collective() if self._world()[1] > 1 else None
+        from .distributed import gloo_beside
+
+        comm = gloo_beside(self.trainer.local_rank) if self._world()[1] > 1 else None
         try:
             cache.ensure_pruned(self.cache_dir, self.store_dir, self.prune_config, comm=comm)
             self._load_selection()
@@ -156,16 +158,6 @@ class DBPDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = getattr(module, "tokenizer", None)
 
-    def _collective(self):
-        """A gloo group over the Trainer's ranks: pruning moves host arrays, whatever backend
-        (NCCL) the training uses."""
-        import torch.distributed as dist
-
-        from .distributed import TIMEOUT
-        from .pruning.collective import TorchCollective
-
-        return TorchCollective(dist.new_group(backend="gloo", timeout=TIMEOUT), owns_group=True,
-                               local_rank=self.trainer.local_rank)
 
     @property
     def selection(self):

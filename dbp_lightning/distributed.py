@@ -42,12 +42,20 @@ def collective_from_environment() -> Local | TorchCollective:
         return Local()
     import torch.distributed as dist
 
-    if dist.is_initialized():  # joined by the caller: pruning's arrays need gloo beside it
-        return TorchCollective(dist.new_group(backend="gloo", timeout=TIMEOUT), owns_group=True,
-                               local_rank=env.local_rank())
+    if dist.is_initialized():  # joined by the caller
+        return gloo_beside(env.local_rank())
     address = f"tcp://{env.main_address}:{env.main_port}"
     # a launcher that started fewer processes than it announced leaves this waiting: say so
     log.info("rank %d of %d: joining the group at %s", env.global_rank(), env.world_size(), address)
     dist.init_process_group("gloo", init_method=address, rank=env.global_rank(),
                             world_size=env.world_size(), timeout=TIMEOUT)
     return TorchCollective(owns_group=True, local_rank=env.local_rank())
+
+
+def gloo_beside(local_rank: int) -> TorchCollective:
+    """A gloo group over every rank of the initialised default group, whatever its backend
+    (NCCL for training): pruning moves host arrays. Every rank must call this."""
+    import torch.distributed as dist
+
+    return TorchCollective(dist.new_group(backend="gloo", timeout=TIMEOUT), owns_group=True,
+                           local_rank=local_rank)

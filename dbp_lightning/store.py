@@ -123,16 +123,7 @@ class EmbeddingStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         manifest_path = self.path / "manifest.json"
-        if not manifest_path.is_file():
-            raise ValueError(f"{manifest_path}: no manifest; not an embedding store, or an "
-                             "embedding run that has not finished")
-        try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{manifest_path}: not valid JSON ({exc})") from exc
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest_path}: format is {self.manifest.get('format')!r}, "
-                             f"expected {FORMAT!r}")
+        self.manifest = read_manifest(self.path)
         self.dim = int(self.manifest["dim"])
         arrays = []
         for shard in self.manifest["shards"]:
@@ -167,8 +158,32 @@ class EmbeddingStore:
         return pa.concat_tables(tables)
 
     def fingerprint(self) -> str:
-        """sha256 of the manifest: names, row counts and provenance of every shard."""
-        return hashlib.sha256((self.path / "manifest.json").read_bytes()).hexdigest()
+        """See :func:`fingerprint`."""
+        return fingerprint(self.path)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The manifest of the complete store at ``path``, without opening its shards.
+
+    Raises ``ValueError`` naming the file when it is missing, not JSON, or not a store's.
+    """
+    manifest_path = Path(path) / "manifest.json"
+    if not manifest_path.is_file():
+        raise ValueError(f"{manifest_path}: no manifest; not an embedding store, or an "
+                         "embedding run that has not finished")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{manifest_path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of the store's manifest: names, row counts and provenance of every shard. A prune
+    run records it as its ``input``; the prune cache is keyed by it."""
+    return hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()
 
 
 class StoreWriter:

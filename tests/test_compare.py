@@ -70,6 +70,13 @@ def test_compare_end_to_end(tmp_path, demo_data, capsys):
     random_done = out / "runs" / "random-0.5" / "seed0" / "result.json"
     assert main(["compare", "--config", config, "--only", "[random-0.5]"]) == 0
     assert random_done.stat().st_mtime_ns != stamps[random_done]
+    # so do new class names: clip_benchmark reads them beside the split, not inside it
+    classnames = sorted((data / "eval").glob("*/classnames.txt"))[0]
+    names = classnames.read_text()
+    classnames.write_text(names.replace("\n", " \n", 1))
+    refreshed = random_done.stat().st_mtime_ns
+    assert main(["compare", "--config", config, "--only", "[random-0.5]"]) == 0
+    assert random_done.stat().st_mtime_ns != refreshed
     # --collect runs nothing and reports what has finished
     (out / "runs" / "full" / "seed0" / "result.json").unlink()
     assert main(["compare", "--config", config, "--collect", "true"]) == 0
@@ -84,6 +91,9 @@ def test_compare_refuses_bad_input(tmp_path, demo_data, capsys):
     assert "subsets: 'dbp' is not" in capsys.readouterr().err
     assert main(["compare", "--config", _config(tmp_path, data, tasks=["nope"])]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+    # scored on cached features: classification and retrieval only, refused before any training
+    assert main(["compare", "--config", _config(tmp_path, data, tasks=["demo", "wilds/iwildcam"])]) == 2
+    assert "tasks: wilds/iwildcam need the full evaluation" in capsys.readouterr().err
     # a subset smaller than one batch is refused before training, naming it
     config = _config(tmp_path, data, subsets=["dbp-0.05"], recipe={"batch_size": 64})
     assert main(["compare", "--config", config]) == 2

@@ -49,11 +49,14 @@ def test_cache_is_reused_and_keyed_by_config(tmp_path):
     write_shards(tmp_path / "wds", n_shards=2, per_shard=10)
     dm = make_dm(tmp_path)
     dm.prepare_data()
-    store_manifest = dm.store_dir / "manifest.json"
-    stamp = store_manifest.stat().st_mtime_ns
+    dm.setup("fit")
+    store_manifest, run_manifest = dm.store_dir / "manifest.json", dm.prune_dir / "manifest.json"
+    stamps = store_manifest.stat().st_mtime_ns, run_manifest.stat().st_mtime_ns
     again = make_dm(tmp_path)
     again.prepare_data()
-    assert store_manifest.stat().st_mtime_ns == stamp and again.prune_dir == dm.prune_dir
+    again.setup("fit")  # neither embeds nor prunes again
+    assert (store_manifest.stat().st_mtime_ns, run_manifest.stat().st_mtime_ns) == stamps
+    assert again.prune_dir == dm.prune_dir
     other = make_dm(tmp_path, prune=PruneConfig(stages=["random"], select=SelectConfig(target_fraction=0.3)))
     assert other.store_dir == dm.store_dir and other.prune_dir != dm.prune_dir
 
@@ -189,3 +192,17 @@ def test_a_store_embedded_beforehand_is_used_as_it_is(tmp_path):
                               prune=PRUNE, store=str(tmp_path / "emb"))
     with pytest.raises(ValueError, match=r"does not hold these shards \(missing \['shard-00003'\]"):
         elsewhere.prepare_data()
+
+
+def test_a_shard_whose_every_sample_was_skipped_streams_nothing(tmp_path):
+    write_shards(tmp_path / "wds", n_shards=3, per_shard=6, corrupt=set(range(6, 12)))  # all of shard 1
+    dm = make_dm(tmp_path, num_workers=0, reshard=True)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert json.loads((dm.store_dir / "manifest.json").read_text())["empty_shards"][0]["name"] == "shard-00001"
+    assert dm._kept.per_shard()["shard-00001"] == 0
+    seen = [i for batch in dm.train_dataloader() for i in batch[2]]
+    assert sorted(seen) == sorted(kept_ids(dm)) and len(seen) == round(0.6 * 12)
+    plain = make_dm(tmp_path, num_workers=0)  # the source shards, filtered as they stream
+    plain.setup("fit")
+    assert sorted(i for batch in plain.train_dataloader() for i in batch[2]) == sorted(seen)

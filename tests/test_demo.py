@@ -1,7 +1,7 @@
 import json
-from html.parser import HTMLParser
 
 from dbp_lightning.cli import main
+from test_report import Page
 
 
 def test_demo_end_to_end_on_a_small_pool(tmp_path, capsys):
@@ -21,5 +21,8 @@ def test_demo_end_to_end_on_a_small_pool(tmp_path, capsys):
         assert r["available"] in ("3/3", "2/3")  # clip-art categories need Debian's package
         assert all(v is None or 0.0 <= v <= 1.0 for v in r["metrics"].values())
     html = (out / "report.html").read_text()
-    HTMLParser().feed(html)
-    assert html.count("<img") >= 10 and 'src="http' not in html
+    page = Page()
+    page.feed(html)
+    assert [st["data-stage"] for st in page.stages] == ["pool", "semdedup", "dbp"]
+    assert page.clusters and len(page.imgs) >= 10 and 'src="http' not in html
+    assert all(src.startswith("data:image/png;base64,") for src in page.imgs)

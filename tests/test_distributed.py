@@ -177,11 +177,12 @@ class KeepIds:
 
         from dbp_lightning.data.shards import iter_shard, shard_name, with_id
 
-        self.ids = ids
+        self.ids, self.calls = ids, 0
         self.counts = {shard_name(s): sum(with_id(x)["__id__"] in ids for x in iter_shard(s, Counter()))
                        for s in shards}
 
     def __call__(self, sample):
+        self.calls += 1  # samples read
         return sample["__id__"] in self.ids
 
     def per_shard(self):
@@ -199,7 +200,9 @@ def test_reshard_split_over_ranks_writes_the_same_tars(tmp_path, world_size):
     ids = {uid(i) for i in range(45) if rng.random() < 0.6 and i // 9 != 2}
     keep = KeepIds(shards, ids)
     one = reshard(shards, keep, tmp_path / "one", 7)
-    many = run_ranks(world_size, lambda comm: reshard(shards, keep, tmp_path / "many", 7, comm=comm))
+    assert keep.calls <= 45  # one pass over the 45 source samples, however many tars
+    many = run_ranks(world_size, lambda comm: reshard(shards, KeepIds(shards, ids), tmp_path / "many", 7,
+                                                      comm=comm))
     assert sum(s["rows"] for s in one["shards"]) == one["samples"] == len(ids)
     for manifest in many:
         assert [s["rows"] for s in manifest["shards"]] == [s["rows"] for s in one["shards"]]

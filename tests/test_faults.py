@@ -176,3 +176,21 @@ def test_full_disk_while_resharding_leaves_no_partial_tar(tmp_path, monkeypatch)
     assert len(tars) == 4 and sorted(p.name for p in dm.reshard_dir.glob("*.tar")) == [t.name for t in tars]
     for tar in tars:
         assert (dm.reshard_dir / tar.name).read_bytes() == tar.read_bytes()
+
+
+def test_atomic_writes_name_the_target_but_leave_other_files_errors_alone(tmp_path):
+    import errno
+    import os
+
+    from dbp_lightning.atomic import atomic_path
+
+    target = tmp_path / "out.bin"
+    with pytest.raises(OSError) as full:
+        with atomic_path(target) as tmp:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+    assert full.value.filename == str(target)  # the file being written, not its temporary twin
+    with pytest.raises(FileNotFoundError) as missing:
+        with atomic_path(target):
+            os.path.getsize(tmp_path / "no-such-input.tar")  # an input read inside the block
+    assert missing.value.filename == str(tmp_path / "no-such-input.tar")
+    assert not target.exists() and not list(tmp_path.glob(".*.tmp"))

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from dbp_lightning.evaluation.features import (TaskFeatures, classification_metrics, evaluate_features,
+from dbp_lightning.evaluation.features import (TaskFeatures, evaluate_features,
                                                retrieval_metrics)
-from dbp_lightning.evaluation.tasks import BY_KEY
+from dbp_lightning.evaluation.tasks import BY_KEY, Task
 from dbp_lightning.projection import ProjectionCLIP, paired_features
 from dbp_lightning.store import write_store
 
@@ -53,14 +53,24 @@ def test_classification_metrics_equal_clip_benchmark(rng):
     dataset.classes = classnames  # clip_benchmark reads the class count from the dataset
     loader = DataLoader(dataset, batch_size=16)
     ref = zeroshot_classification.evaluate(_Identity(table), loader, _tokenizer, classnames, templates, "cpu")
-    ours = classification_metrics(image @ _class_embeddings(prompts.reshape(c, t, d)).T, labels)
+    # evaluate_features itself: the class embedding (prompt mean, normalised) included
+    task = Task("toy", "Toy", "classification", "acc1", "other")
+    features = {"toy": TaskFeatures("classification", image, labels=labels, class_text=prompts.reshape(c, t, d))}
+    rows, _ = evaluate_features(_Towers(), features, [task])
+    ours = rows[0]["metrics"]
     for key in ("acc1", "acc5", "mean_per_class_recall"):
         assert ours[key] == pytest.approx(ref[key], abs=1e-6), key
+    assert ours["main_metric"] == ours["acc1"]
 
 
-def _class_embeddings(prompts: np.ndarray) -> np.ndarray:
-    mean = prompts.mean(1)
-    return mean / np.linalg.norm(mean, axis=1, keepdims=True)
+class _Towers(torch.nn.Module):
+    """A model whose heads pass the (unit-norm) frozen features through."""
+
+    def encode_image(self, x):
+        return x
+
+    def encode_text(self, x):
+        return x
 
 
 def test_retrieval_metrics_equal_clip_benchmark(rng):

@@ -34,7 +34,6 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
-from . import TAR_MTIME
 
 OPENCLIPART_ROOT = "/usr/share/openclipart/svg"
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -188,15 +187,9 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def _write_task(folder: Path, samples: list[dict], classnames: Optional[list[str]], retrieval: bool) -> None:
-    import webdataset as wds
+    from .shards import write_tar
 
-    from ..atomic import atomic_path
-
-    (folder / "test").mkdir(parents=True, exist_ok=True)
-    with atomic_path(folder / "test" / "0.tar") as tmp:
-        with wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
-            for s in samples:
-                sink.write(s)
+    write_tar(folder / "test" / "0.tar", samples)
     if classnames is not None:
         (folder / "classnames.txt").write_text("\n".join(classnames) + "\n")
         (folder / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
@@ -211,10 +204,10 @@ def build_demo(out: str | os.PathLike, spec: DemoSpec = DemoSpec(), workers: int
 
     A complete ``out`` (with ``demo_data.json`` for the same spec) is reused as it is.
     """
-    import webdataset as wds
     from tqdm.auto import tqdm
 
-    from ..atomic import atomic_path, write_json
+    from ..atomic import write_json
+    from .shards import write_tar
 
     out = Path(out)
     done = out / "demo_data.json"
@@ -251,10 +244,7 @@ def build_demo(out: str | os.PathLike, spec: DemoSpec = DemoSpec(), workers: int
 
     (out / "train").mkdir(parents=True, exist_ok=True)
     for i in range(0, len(train), spec.shard_size):
-        with atomic_path(out / "train" / f"shard-{i // spec.shard_size:05d}.tar") as tmp:
-            with wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
-                for s in train[i : i + spec.shard_size]:
-                    sink.write(s)
+        write_tar(out / "train" / f"shard-{i // spec.shard_size:05d}.tar", train[i : i + spec.shard_size])
     evals = out / "eval"
     _write_task(evals / "wds_demo-retrieval_test",
                 [{"__key__": s["__key__"], "png": s["png"], "txt": s["txt"]} for s in eval_pairs], None, True)

@@ -9,7 +9,6 @@ a slice.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from ..store import fingerprint, read_manifest
 from .shards import shard_name
 
 
@@ -35,21 +35,23 @@ class KeptSamples:
 
     def __init__(self, store: str | os.PathLike, run: str | os.PathLike):
         self.store, self.run = Path(store), Path(run)
-        manifest = (self.store / "manifest.json").read_bytes()
         pruned = json.loads((self.run / "manifest.json").read_text()).get("input")
-        if pruned != hashlib.sha256(manifest).hexdigest():  # the run records its store's digest
+        if pruned != fingerprint(self.store):
             raise ValueError(f"{self.run}: this prune run was not made from the store {self.store}")
-        shards = json.loads(manifest)["shards"]
-        rows = np.array([s["rows"] for s in shards], np.int64)
+        manifest = read_manifest(self.store)
+        rows = np.array([s["rows"] for s in manifest["shards"]], np.int64)
         starts = np.concatenate([[0], np.cumsum(rows)])
         self.n = int(starts[-1])
-        self.ranges = {s["name"]: (int(a), int(b)) for s, a, b in zip(shards, starts, starts[1:])}
+        self.ranges = {s["name"]: (int(a), int(b))
+                       for s, a, b in zip(manifest["shards"], starts, starts[1:])}
+        # shards whose every sample was skipped have no rows, and so nothing kept
+        self.ranges.update({s["name"]: (self.n, self.n) for s in manifest.get("empty_shards", [])})
         self._mask: np.ndarray | None = None
-        self._shard: str | None = None
+        self._url: str | None = None
         self._ids: frozenset = frozenset()
 
     def __getstate__(self):  # spawned workers read the mask themselves, not through a pipe
-        return {**self.__dict__, "_mask": None, "_shard": None, "_ids": frozenset()}
+        return {**self.__dict__, "_mask": None, "_url": None, "_ids": frozenset()}
 
     @property
     def mask(self) -> np.ndarray:
@@ -62,10 +64,6 @@ class KeptSamples:
                                  f"store {self.store} has {self.n}")
         return self._mask
 
-    def __len__(self) -> int:
-        """Samples the run keeps."""
-        return int(self.mask.sum())
-
     def per_shard(self) -> dict[str, int]:
         """Kept samples per shard name."""
         return {name: int(self.mask[a:b].sum()) for name, (a, b) in self.ranges.items()}
@@ -74,14 +72,15 @@ class KeptSamples:
         """The kept ids of the store shard ``name``."""
         if name not in self.ranges:
             raise KeyError(f"shard {name!r} is not in the embedding store {self.store}")
+        a, b = self.ranges[name]
+        if a == b:
+            return frozenset()
         path = self.store / f"{name}.parquet"
         id_column = "uid" if "uid" in pq.read_schema(path).names else "key"
         column = pq.read_table(path, columns=[id_column]).column(id_column)
-        a, b = self.ranges[name]
         return frozenset(np.asarray(column.to_pylist(), dtype=object)[self.mask[a:b]])
 
     def __call__(self, sample: dict) -> bool:
-        name = shard_name(sample["__url__"])
-        if name != self._shard:  # streams read shards one after another
-            self._shard, self._ids = name, self.ids(name)
+        if sample["__url__"] != self._url:  # streams read shards one after another
+            self._url, self._ids = sample["__url__"], self.ids(shard_name(sample["__url__"]))
         return sample["__id__"] in self._ids

@@ -10,12 +10,10 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import webdataset as wds
 
-from ..atomic import atomic_path, write_json
-from ..pruning.collective import Local
-from . import TAR_MTIME
-from .shards import iter_shard, shard_name, with_id
+from ..atomic import write_json
+from ..pruning.collective import Local, block_range
+from .shards import iter_shard, shard_name, with_id, write_tar
 
 MANIFEST = "reshard.json"
 
@@ -37,9 +35,9 @@ def reshard(shards: list[str], keep: Keep, out_dir: str | os.PathLike, n_shards:
     atomically, ``reshard.json`` last; a complete ``out_dir`` is returned as it is.
 
     Args:
-        comm: a :mod:`~dbp_lightning.pruning.collective` collective: rank r writes tars r,
-            r + W, ..., reading only the source shards their samples come from (found from the
-            per-shard kept counts); every rank calls this and gets the manifest.
+        comm: a :mod:`~dbp_lightning.pruning.collective` collective: each rank writes a run
+            of consecutive tars in one pass over the source shards their samples come from
+            (found from the per-shard kept counts); every rank calls this and gets the manifest.
 
     Returns:
         the manifest: {"shards": [{"path", "rows"}], "samples": n}.
@@ -56,14 +54,20 @@ def reshard(shards: list[str], keep: Keep, out_dir: str | os.PathLike, n_shards:
     sizes = [total // n_shards + (i < total % n_shards) for i in range(n_shards)]
     starts = np.concatenate([[0], np.cumsum(sizes)])
     paths = [out / f"pruned-{i:05d}.tar" for i in range(n_shards)]
-    for i in range(comm.rank, n_shards, comm.world_size):
-        # the last source shard whose kept samples begin at or before this tar's first sample
-        first = int(np.searchsorted(kept_before, starts[i], side="right")) - 1
-        skip = int(starts[i] - kept_before[first])
+    lo, hi = block_range(n_shards, 1, comm.rank, comm.world_size)  # this rank's run of tars
+    if lo < hi:
+        # the last source shard whose kept samples begin at or before the run's first sample
+        first = int(np.searchsorted(kept_before, starts[lo], side="right")) - 1
         counts = Counter()
         kept = (sample for shard in shards[first:] for sample in iter_shard(shard, counts)
                 if keep(with_id(sample)))
-        _write_tar(paths[i], itertools.islice(kept, skip, skip + sizes[i]), sizes[i])
+        kept = itertools.islice(kept, int(starts[lo] - kept_before[first]), None)
+        for i in range(lo, hi):  # one pass: each tar takes the next sizes[i] samples
+            try:
+                write_tar(paths[i], (_stored(x) for x in itertools.islice(kept, sizes[i])), sizes[i])
+            except ValueError as exc:
+                raise ValueError(f"{exc}: the shards hold fewer kept samples than the selection "
+                                 "counts; were they changed after they were embedded?") from exc
     manifest = {"shards": [{"path": str(p), "rows": n} for p, n in zip(paths, sizes)], "samples": total}
     comm.barrier()  # every tar is in place
     if comm.rank == 0:
@@ -72,14 +76,6 @@ def reshard(shards: list[str], keep: Keep, out_dir: str | os.PathLike, n_shards:
     return manifest
 
 
-def _write_tar(path: Path, samples, size: int) -> None:
-    """``samples`` into the tar ``path``; closed, then renamed into place: a failure (a full
-    disk, too few samples) leaves no tar."""
-    rows = 0
-    with atomic_path(path) as tmp, wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
-        for sample in samples:
-            sink.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
-            rows += 1
-        if rows < size:
-            raise ValueError(f"{path}: the shards hold fewer kept samples than the selection "
-                             f"counts ({rows} of {size}); were they changed after they were embedded?")
+def _stored(sample: dict) -> dict:
+    """What a tar holds of a sample: its key and files, not the stream's ``__url__``/``__id__``."""
+    return {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}

@@ -73,6 +73,28 @@ def with_id(sample: dict) -> dict:
     return sample
 
 
+def write_tar(path: str | os.PathLike, samples, expect: int | None = None) -> int:
+    """Write webdataset ``samples`` to the tar ``path``; returns how many.
+
+    The members get the fixed ``TAR_MTIME``, so the same samples give the same bytes. The tar is
+    closed, then renamed into place: a failure (a full disk; fewer samples than ``expect``)
+    leaves no tar.
+    """
+    import webdataset as wds
+
+    from ..atomic import atomic_path
+    from . import TAR_MTIME
+
+    rows = 0
+    with atomic_path(path) as tmp, wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
+        for sample in samples:
+            sink.write(sample)
+            rows += 1
+        if expect is not None and rows != expect:
+            raise ValueError(f"{path}: {rows} samples where {expect} were expected")
+    return rows
+
+
 def has_end_of_archive(path: str) -> bool:
     """Whether the file ends in the two zero blocks every complete tar ends with; a tar cut at a
     member boundary reads without error but lacks them."""

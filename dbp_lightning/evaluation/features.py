@@ -22,10 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cache import digest
+from ..cache import digest, encoder_key
 from ..encoders import Encoder, EncoderConfig, build_encoder
 from .aggregate import aggregate
 from .tasks import Task
+
+#: the task kinds scored here; the others (wilds, fairness, winogavil) need evaluation/run.py
+FEATURE_KINDS = ("classification", "retrieval")
 
 
 @dataclass
@@ -61,15 +64,13 @@ class TaskFeatures:
 
 @torch.no_grad()
 def embed_task(task: Task, data_root: str, image_encoder: Encoder, text_encoder: Encoder,
-               batch_size: int = 256) -> TaskFeatures | None:
-    """``task``'s test split embedded by the two encoders; None when its data is absent."""
+               batch_size: int = 256) -> TaskFeatures:
+    """``task``'s test split (present under ``data_root``) embedded by the two encoders."""
     from clip_benchmark.datasets.builder import build_dataset, image_captions_collate_fn
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     folder = Path(data_root) / task.folder
-    if not (folder / "test" / "nshards.txt").is_file():
-        return None
     retrieval = task.kind == "retrieval"
     with warnings.catch_warnings():  # clip_benchmark leaves webdataset's shardshuffle unset
         warnings.filterwarnings("ignore", message=".*shardshuffle")
@@ -106,16 +107,17 @@ def task_features(cache_dir: str | os.PathLike, data_root: str, tasks: list[Task
                   image_encoder: EncoderConfig, text_encoder: EncoderConfig,
                   batch_size: int = 256) -> dict[str, TaskFeatures]:
     """Every present task's features, from the cache or embedded now; key: ``task.key``."""
-    from ..rundir import versions
-
     out, encoders = {}, None
     for task in tasks:
-        folder = Path(data_root) / task.folder / "test"
-        if not (folder / "nshards.txt").is_file():
+        folder = Path(data_root) / task.folder
+        if not (folder / "test" / "nshards.txt").is_file():
             continue
-        stamp = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir())
-        key = digest({"task": task.key, "files": stamp, "image": vars(image_encoder),
-                      "text": vars(text_encoder), "versions": versions()})
+        # every file the task is read from: the split's shards and the class names and
+        # templates beside it
+        stamp = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                       for p in folder.rglob("*") if p.is_file())
+        key = digest({"task": task.key, "files": stamp, "image": encoder_key(image_encoder),
+                      "text": encoder_key(text_encoder)})
         path = Path(cache_dir) / f"task-{task.key.replace('/', '_')}-{key}.npz"
         if not path.is_file():
             encoders = encoders or (build_encoder(image_encoder), build_encoder(text_encoder))
