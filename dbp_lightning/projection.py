@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .clip_module import cosine_with_warmup
+from .clip_module import cosine_with_warmup, no_weight_decay
 from .store import EmbeddingStore
 
 
@@ -100,8 +100,9 @@ class ProjectionCLIP(L.LightningModule):
             self.logit_scale.clamp_(0, math.log(100))  # as OpenCLIP does
 
     def configure_optimizers(self):
-        decay = [self.image_head.weight, self.text_head.weight]
-        no_decay = [self.image_head.bias, self.text_head.bias, self.logit_scale]
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            (no_decay if no_weight_decay(name, param) else decay).append(param)
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}],
                                       lr=self.hparams.lr, betas=(0.9, 0.98), eps=1e-6)
