@@ -2,7 +2,9 @@
 
 Fast checks run the ranks as threads over an in-memory collective; the real thing runs
 ``dbp-lightning prune`` as 2 gloo processes under torchrun and under SLURM's variables, and
-compares file hashes with one process on 1 and 2 threads.
+compares file hashes with one process on 1, 2 and 3 threads and with NumPy's SIMD off.
+(``tests/test_exact.py`` moves every matrix product by up to its error bound, as another BLAS
+kernel would, and checks the same.)
 """
 
 import hashlib
@@ -124,19 +126,39 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _numpy_simd_off() -> str:
+    """The SIMD extensions NumPy dispatches to on this CPU: disabling them all runs NumPy's own
+    loops (exp, einsum, sort, reductions) as on a CPU without them."""
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+
+    return " ".join(f for f in __cpu_dispatch__ if __cpu_features__.get(f))
+
+
+def _threads(n: int) -> dict:
+    return {"OMP_NUM_THREADS": str(n), "OPENBLAS_NUM_THREADS": str(n)}
+
+
 @pytest.fixture(scope="module")
 def single(store, tmp_path_factory):
-    """One process, on 1 and on 2 threads: the reference digests."""
+    """One process, on 1, 2 and 3 threads (faiss's and BLAS's), and with NumPy's SIMD off: the
+    reference digests. BLAS sums in an order that depends on its thread count, so these runs
+    differ in the last bits of every matrix product; the outputs may not."""
     runs = {}
-    for threads in (1, 2):
-        out = tmp_path_factory.mktemp(f"threads{threads}") / "run"
+    settings = {"1 thread": _threads(1), "2 threads": _threads(2), "3 threads": _threads(3),
+                "NumPy SIMD off": {**_threads(2), "NPY_DISABLE_CPU_FEATURES": _numpy_simd_off()}}
+    for name, env in settings.items():
+        out = tmp_path_factory.mktemp("single") / "run"
         proc = subprocess.run([sys.executable, "-m", "dbp_lightning.cli", *PRUNE, "--input", str(store),
                                "--output", str(out)], capture_output=True, text=True, timeout=600,
-                              env=_env(OMP_NUM_THREADS=str(threads)))
+                              env=_env(**env))
         assert proc.returncode == 0, proc.stderr[-2000:]
-        runs[threads] = _digests(out)
-    assert runs[1] == runs[2]  # threads change nothing
-    return runs[1]
+        runs[name] = _digests(out)
+    assert all(digests == runs["1 thread"] for digests in runs.values()), runs
+    return runs["1 thread"]
+
+
+def test_one_process_writes_the_same_bytes_on_any_thread_count(single):
+    assert sorted(single) == sorted(DETERMINISTIC)  # the comparison itself is in ``single``
 
 
 def test_torchrun_two_processes_write_the_single_process_selection(store, single, tmp_path):
@@ -144,7 +166,7 @@ def test_torchrun_two_processes_write_the_single_process_selection(store, single
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node", "2", "-m", "dbp_lightning.cli", *PRUNE,
                            "--input", str(store), "--output", str(out)],
-                          capture_output=True, text=True, timeout=600, env=_env(OMP_NUM_THREADS="1"))
+                          capture_output=True, text=True, timeout=600, env=_env(**_threads(1)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(2 processes)" in proc.stdout
     assert _digests(out) == single
@@ -156,7 +178,7 @@ def test_slurm_tasks_write_the_single_process_selection(store, single, tmp_path)
     procs = [subprocess.Popen([sys.executable, "-m", "dbp_lightning.cli", *PRUNE, "--input", str(store),
                                "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True,
-                              env=_env(OMP_NUM_THREADS="1", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
+                              env=_env(**_threads(1), SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
                                        SLURM_NNODES="1", SLURM_PROCID=str(rank),
                                        SLURM_LOCALID=str(rank), SLURM_NODEID="0", SLURM_JOB_NAME="dbp",
                                        SLURM_JOB_ID="4242", SLURM_NODELIST="localhost",

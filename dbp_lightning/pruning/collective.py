@@ -4,8 +4,9 @@ Distribution splits the work and never changes it. Each rank computes some row b
 validation, k-means assignment) or some whole clusters (SemDeDup's pairwise search, the fine
 cells of a two-level partition) exactly as one process would compute them. Every rank
 initialises the outputs it does not own to the identity of ``max`` (-inf, -1), and an
-element-wise max over ranks reassembles them. Nothing is summed or averaged across ranks, so on
-CPU the selection is bit-identical for any number of processes. Small serial work, such as
+element-wise max over ranks reassembles them. Nothing is summed or averaged across ranks, and
+every value a rank computes is exact (:mod:`.exact`), so the selection is bit-identical for any
+number of processes and threads. Small serial work, such as
 training k-means on a sample, runs on rank 0 and is broadcast. O(N) bookkeeping (sorts, quotas,
 selection) is repeated on every rank, which avoids a second gather.
 

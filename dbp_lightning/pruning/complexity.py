@@ -7,7 +7,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .embeddings import as_embeddings
-from .kmeans import _faiss
+from .exact import pair_sims, row_sims
 
 
 class ClusterComplexity(NamedTuple):
@@ -64,7 +64,7 @@ def cluster_complexity(x, centroids: np.ndarray, assignment: np.ndarray,
         similarity = np.empty(emb.n, np.float64)
         for start, block in emb.blocks():
             c = centroids[assignment[start : start + len(block)]]
-            similarity[start : start + len(block)] = np.einsum("ij,ij->i", block, c)
+            similarity[start : start + len(block)] = row_sims(block, c)
     similarity = np.asarray(similarity, dtype=np.float64)
     if similarity.shape != assignment.shape:
         raise ValueError(f"similarity has shape {similarity.shape}, assignment {assignment.shape}")
@@ -73,13 +73,22 @@ def cluster_complexity(x, centroids: np.ndarray, assignment: np.ndarray,
     dist_sum = np.bincount(assignment, weights=1.0 - similarity, minlength=k)
     d_intra = np.divide(dist_sum, sizes, out=np.zeros(k), where=sizes > 0)
 
-    index = _faiss().IndexFlatIP(centroids.shape[1])
-    index.add(centroids)
-    sims, ids = index.search(centroids, num_neighbors + 1)
-    # drop each centroid itself; if a duplicate centroid outranked it, drop the last instead
-    is_self = ids == np.arange(k)[:, None]
-    no_self = ~is_self.any(axis=1)
-    is_self[no_self, -1] = True
-    neighbour_sims = sims[~is_self].reshape(k, num_neighbors).astype(np.float64)
-    d_inter = (1.0 - neighbour_sims).mean(axis=1)
+    d_inter = np.empty(k)
+    for lo in range(0, k, _BLOCK):
+        sims = pair_sims(centroids[lo : lo + _BLOCK], centroids)  # exactly rounded: any kernel
+        sims[np.arange(len(sims)), np.arange(lo, lo + len(sims))] = -np.inf  # not itself
+        nearest = -np.partition(-sims, num_neighbors - 1, axis=1)[:, :num_neighbors]
+        d_inter[lo : lo + len(sims)] = _mean_in_order(1.0 - np.sort(nearest.astype(np.float64)))
     return ClusterComplexity(d_intra, d_inter, sizes)
+
+
+#: centroids per block of the centroid-centroid similarities (memory: _BLOCK x k float64)
+_BLOCK = 1024
+
+
+def _mean_in_order(v: np.ndarray) -> np.ndarray:
+    """float64 (m,): row means of ``v`` (m, l), summed column by column (a fixed order)."""
+    total = np.zeros(len(v))
+    for column in v.T:
+        total += column
+    return total / v.shape[1]

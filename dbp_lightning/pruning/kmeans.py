@@ -1,8 +1,10 @@
-"""Spherical k-means with faiss: train on a sample, assign every row in streamed blocks."""
+"""Spherical k-means: train on a sample, assign every row in streamed blocks; faiss searches,
+and :mod:`.exact` makes every assignment and similarity independent of how it summed."""
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -10,11 +12,9 @@ from tqdm.auto import tqdm
 
 from .collective import Local, block_range, owners
 from .embeddings import as_embeddings
+from .exact import SLACK, dot_bound, exact_argmax, first_twin, max_norm, row_sims
 
 log = logging.getLogger(__name__)
-
-#: iterations between convergence checks when ``tol`` is set.
-_CHECK_EVERY = 5
 
 
 def _faiss():
@@ -54,6 +54,61 @@ class KMeansResult(NamedTuple):
     n_iter: int
 
 
+class _Nearest:
+    """Each row's nearest centroid, exactly (see :mod:`.exact`), faiss giving the estimate.
+
+    faiss's top two float32 similarities decide a row where they are more than twice their error
+    bound apart; the rest are decided exactly. The similarity to the chosen centroid is the
+    exactly rounded one. So the result is the same whatever BLAS kernel, thread count or GPU
+    faiss ran on.
+    """
+
+    def __init__(self, centroids: np.ndarray, gpu_on: bool, comm=None):
+        faiss = _faiss()
+        comm = comm or Local()
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        self.k, self.d = self.centroids.shape
+        self.norm = max_norm(self.centroids)
+        self.twin = first_twin(self.centroids)
+        index = faiss.IndexFlatIP(self.d)
+        index.add(self.centroids)
+        self._resources = None  # lives as long as the index is searched
+        if gpu_on and comm.world_size == 1:
+            index = faiss.index_cpu_to_all_gpus(index)
+        elif gpu_on:  # processes sharing a node: each on its own GPU, not a replica on all
+            self._resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._resources,
+                                           comm.local_rank % faiss.get_num_gpus(), index)
+        self.index = index
+
+    def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Assignment int64 (B,) and similarity float32 (B,) of float32 rows (B, d)."""
+        ids = self.nearest(block)
+        return ids, row_sims(block, self.centroids[ids])
+
+    def nearest(self, block: np.ndarray) -> np.ndarray:
+        """Assignment int64 (B,) of float32 rows (B, d)."""
+        if self.k == 1:
+            ids = np.zeros(len(block), np.int64)
+        else:
+            sims, found = search_top2(self.index, block)
+            norm = max_norm(block)
+            b32 = dot_bound(self.d, norm, self.norm, np.float32)
+            b64 = dot_bound(self.d, norm, self.norm, np.float64)
+            top = sims[:, 0].astype(np.float64)
+            ids = found[:, 0].astype(np.int64)
+            unsure = np.flatnonzero(top - sims[:, 1] <= 2 * b32 + SLACK)
+            if unsure.size:
+                ids[unsure] = exact_argmax(block[unsure], self.centroids,
+                                           top[unsure] - b32 - b64 - SLACK, twin=self.twin)
+        return ids
+
+
+def search_top2(index, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """faiss's two most similar centroids: similarities float32 (B, 2), ids int64 (B, 2)."""
+    return index.search(block, 2)
+
+
 def assign(x, centroids: np.ndarray, gpu: str | bool = "auto", progress: bool = False,
            block_size: int | None = None, comm=None) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by cosine similarity, streamed in blocks.
@@ -66,20 +121,12 @@ def assign(x, centroids: np.ndarray, gpu: str | bool = "auto", progress: bool = 
             N rows (default: one process, on all the GPUs faiss sees).
 
     Returns:
-        assignment int64 (N,) and similarity float32 (N,).
+        assignment int64 (N,): the centroid with the largest exact dot product, the lowest index
+        on ties; similarity float32 (N,): that dot product, exactly rounded (:mod:`.exact`).
     """
-    faiss = _faiss()
     emb = as_embeddings(x)
-    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     comm = comm or Local()
-    index = faiss.IndexFlatIP(emb.d)
-    index.add(centroids)
-    resources, gpu_on = None, use_gpu(gpu)
-    if gpu_on and comm.world_size == 1:
-        index = faiss.index_cpu_to_all_gpus(index)
-    elif gpu_on:  # processes sharing a node: each on its own GPU, not a replica on all
-        resources = faiss.StandardGpuResources()  # lives as long as the index is searched
-        index = faiss.index_cpu_to_gpu(resources, comm.local_rank % faiss.get_num_gpus(), index)
+    nearest = _Nearest(centroids, use_gpu(gpu), comm)
     # rows another rank assigns hold max's identity until the reduction fills them in
     assignment = np.full(emb.n, -1, np.int64)
     similarity = np.full(emb.n, -np.inf, np.float32)
@@ -88,33 +135,37 @@ def assign(x, centroids: np.ndarray, gpu: str | bool = "auto", progress: bool = 
     for start in tqdm(range(lo, hi, step), disable=not progress, desc="assign", unit="block",
                       leave=False):
         block = emb.rows(start, min(start + step, hi))
-        sims, ids = index.search(block, 1)
-        assignment[start : start + len(block)] = ids[:, 0]
-        similarity[start : start + len(block)] = sims[:, 0]
+        assignment[start : start + len(block)], similarity[start : start + len(block)] = nearest(block)
     return comm.reduce_max(assignment), comm.reduce_max(similarity)
 
 
 def spherical_kmeans(x, k: int, niter: int = 100, seed: int = 0, sample: int | None = None,
                      gpu: str | bool = "auto", tol: float | None = None,
                      progress: bool = False, comm=None) -> KMeansResult:
-    """Spherical k-means (cosine similarity, unit-norm centroids) with faiss.
+    """Spherical k-means (cosine similarity, unit-norm centroids), faiss searching.
 
     Trains on ``sample`` rows drawn without replacement with ``seed`` (only those rows are held
-    in memory, as float32), then assigns all N rows in streamed blocks.
+    in memory, as float32), then assigns all N rows in streamed blocks. Lloyd's iterations
+    start from ``k`` training rows drawn with ``seed``; each assigns every training row to its
+    nearest centroid (exactly: :class:`_Nearest`) and moves each centroid to the normalised
+    float64 sum of its members, summed in row order. An empty cluster takes the training row
+    least similar to its centroid (the next one for the next empty cluster). Nothing depends
+    on summation order, so the result is the same on every CPU, thread count and process count.
 
     Args:
         x: (N, d) embeddings: array, memmap or :class:`Embeddings`; float16/32/64.
         k: number of clusters, 1 <= k <= N.
         niter: maximum Lloyd iterations (the paper uses 100).
-        seed: seeds the training sample and faiss's initialisation.
+        seed: seeds the training sample and the initial centroids.
         sample: training rows. ``None`` follows faiss's own default of at most 256 rows per
             centroid, ``min(N, 256 * k)``; larger values are clipped to N.
-        gpu: "auto" (a GPU when faiss sees one), True or False.
-        tol: stop when an iteration improves the objective (sum of cosine similarities) by
-            less than ``tol`` relative; checked every 5 iterations. ``None`` runs ``niter``.
+        gpu: "auto" (a GPU when faiss sees one), True or False: where faiss searches.
+        tol: stop when an iteration improves the objective (sum of cosine similarities of the
+            training rows to their centroids) by at most ``tol`` relative. ``None`` runs
+            ``niter``.
         progress: show a progress bar.
-        comm: a :mod:`~dbp_lightning.pruning.collective` collective: rank 0 trains (on all
-            the GPUs faiss sees) and broadcasts the centroids; the ranks split the assignment.
+        comm: a :mod:`~dbp_lightning.pruning.collective` collective: rank 0 trains and
+            broadcasts the centroids; the ranks split the assignment.
 
     Returns:
         :class:`KMeansResult` (centroids, assignment, similarity, n_iter), the same on every rank.
@@ -146,37 +197,61 @@ def _train(emb, k: int, niter: int, seed: int, n_train: int, gpu_on: bool, tol: 
            progress: bool) -> tuple[np.ndarray, int]:
     """Unit-norm centroids float32 (k, d) trained on ``n_train`` rows drawn with ``seed``, and
     the iterations run."""
-    faiss = _faiss()
     rng = np.random.default_rng(seed)
     train_rows = np.sort(rng.choice(emb.n, n_train, replace=False)) if n_train < emb.n else None
     xt = emb.rows(0, emb.n) if train_rows is None else emb.take(train_rows)
-
-    def run(iters: int, init: np.ndarray | None, train: np.ndarray):
-        # max_points_per_centroid above the sample keeps faiss from subsampling again.
-        km = faiss.Kmeans(emb.d, k, niter=iters, seed=seed, spherical=True, gpu=gpu_on,
-                          max_points_per_centroid=n_train // k + 1, min_points_per_centroid=1,
-                          verbose=False)
-        km.train(train, init_centroids=init)
-        return km.centroids, km.obj
-
-    if tol is None:
-        centroids, _ = run(niter, None, xt)
-        done = niter
-    else:
-        centroids, done, bar = None, 0, tqdm(total=niter, disable=not progress, desc="k-means",
-                                             unit="iter", leave=False)
-        while done < niter:
-            step = min(_CHECK_EVERY, niter - done)
-            centroids, obj = run(step, centroids, xt)
-            done += step
-            bar.update(step)
-            # no objective history: faiss did not iterate (k == number of training points)
-            if len(obj) < 2 or (obj[-1] - obj[-2]) <= tol * abs(obj[-1]):
-                break
-        bar.close()
-    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    centroids = _normalised(xt[rng.choice(n_train, k, replace=False)].astype(np.float64))
+    previous, done = None, 0
+    for done in tqdm(range(1, niter + 1), disable=not progress, desc="k-means", unit="iter",
+                     leave=False):
+        nearest = _Nearest(centroids, gpu_on)
+        ids = np.concatenate([nearest.nearest(xt[s : s + emb.block_size])
+                              for s in range(0, n_train, emb.block_size)])
+        sums = _member_sums(xt, ids, k)
+        # sum of the members' similarities: each centroid . its members' sum, in a fixed order
+        objective = math.fsum(_rowdot_in_order(sums, centroids))
+        _reseed_empty(sums, xt, ids, centroids)
+        centroids = _normalised(sums)
+        if tol is not None and previous is not None and objective - previous <= tol * abs(objective):
+            break
+        previous = objective
     return centroids, done
+
+
+def _member_sums(xt: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """float64 (k, d): each cluster's members summed in row order."""
+    order = np.argsort(ids, kind="stable")
+    counts = np.bincount(ids, minlength=k)
+    starts = np.cumsum(counts) - counts
+    sums = np.zeros((k, xt.shape[1]), np.float64)
+    for j in np.flatnonzero(counts):
+        # axis 0: every column is summed row after row, whatever the SIMD width
+        np.add.reduce(xt[order[starts[j] : starts[j] + counts[j]]], axis=0, dtype=np.float64,
+                      out=sums[j])
+    return sums
+
+
+def _reseed_empty(sums: np.ndarray, xt: np.ndarray, ids: np.ndarray, centroids: np.ndarray) -> None:
+    """Give each cluster without a direction (no member, or members that cancel out) a
+    training row, the least similar to its centroid first (ties by row)."""
+    empty = np.flatnonzero(~sums.any(axis=1))
+    if empty.size:
+        sims = row_sims(xt, centroids[ids])
+        sums[empty] = xt[np.argsort(sims, kind="stable")[: empty.size]]
+
+
+def _rowdot_in_order(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float64 (k,): row-wise dot products, summed column by column (elementwise operations:
+    no order that SIMD width or BLAS could change)."""
+    total = np.zeros(len(a), np.float64)
+    for ca, cb in zip(a.T, np.asarray(b, np.float64).T):
+        total += ca * cb
+    return total
+
+
+def _normalised(v: np.ndarray) -> np.ndarray:
+    """float32 rows of float64 ``v`` (k, d) over their norms (squares summed in a fixed order)."""
+    return (v / np.sqrt(_rowdot_in_order(v, v))[:, None]).astype(np.float32)
 
 
 #: above this many cells, :func:`partition_kmeans` builds the partition in two levels

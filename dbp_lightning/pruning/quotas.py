@@ -10,6 +10,8 @@ keep every bound, and differ from x* by less than one: the integer optimum of th
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 SOLVERS = ("exact", "osqp")
@@ -23,9 +25,14 @@ def softmax_probabilities(complexity: np.ndarray, sizes: np.ndarray, temperature
     live = np.asarray(sizes) > 0
     if not np.isfinite(complexity[live]).all():
         raise ValueError("complexity has NaN or inf for a non-empty cluster")
-    logits = np.where(live, complexity / temperature, -np.inf)
-    p = np.exp(logits - logits[live].max())
-    return p / p.sum()
+    logits = complexity[live] / temperature
+    top = logits.max()
+    # math.exp and fsum, not np.exp and sum: NumPy picks its exp by the CPU's SIMD width, and the
+    # results differ in the last bit between machines
+    e = np.array([math.exp(v - top) for v in logits.tolist()])
+    p = np.zeros(len(complexity))
+    p[live] = e / math.fsum(e)
+    return p
 
 
 def quota_bounds(sizes: np.ndarray, target: int, min_per_cluster: int = 1,

@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from .collective import Local, owners
 from .embeddings import as_embeddings
+from . import exact
+from .exact import SLACK, dot_bound, exact_argmax, first_twin, max_norm, row_sims
 from .groups import cluster_index
 
 #: duplicate similarity of a cluster's first-ranked member (nothing ranked before it).
@@ -83,31 +85,56 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
     # rows another rank handles hold max's identity until the reduction fills them in
     out = np.full(emb.n, -np.inf, np.float32)
     partner = np.full(emb.n, -1, np.int64)
-    # -inf, not NO_EARLIER, masks the diagonal block so that an earlier member at exactly -1.0
-    # still counts as a partner; the returned values are clipped to NO_EARLIER as before
-    later = np.tril(np.ones((block_size, block_size), bool), k=-1)  # [j, i]: i ranked before j
+    not_before = np.triu(np.ones((block_size, block_size), bool))  # [j, i]: i not ranked before j
     for c in tqdm(np.flatnonzero(mine), disable=not progress, desc="semdedup",
                   unit="cluster", leave=False):
         rows = index.members(c)
         xc = emb.take(rows)  # the cluster's rows: memory grows with the largest cluster
-        best = np.full(len(rows), -np.inf, np.float32)
-        arg = np.full(len(rows), -1, np.int64)  # position in ``rows``
-        for js in range(0, len(rows), block_size):
-            xj = xc[js : js + block_size]
-            bj, aj = best[js : js + len(xj)], arg[js : js + len(xj)]  # views
-            for is_ in range(0, js + len(xj), block_size):
-                sims = xj @ xc[is_ : is_ + block_size].T
-                if is_ == js:  # diagonal block: only members ranked strictly before count
-                    sims = np.where(later[: len(xj), : len(xj)], sims, -np.inf)
-                col = sims.argmax(axis=1)  # earliest-ranked on ties
-                top = sims[np.arange(len(xj)), col]
-                better = top > bj  # strict: an earlier block keeps its tie
-                bj[better], aj[better] = top[better], is_ + col[better]
-        out[rows] = best
-        partner[rows] = np.where(arg >= 0, rows[np.maximum(arg, 0)], -1)
+        arg = _earlier_nearest(xc, block_size, not_before)
+        has = arg >= 0
+        out[rows[has]] = row_sims(xc[has], xc[arg[has]])
+        partner[rows] = np.where(has, rows[np.maximum(arg, 0)], -1)
     out = np.maximum(comm.reduce_max(out), NO_EARLIER)  # also a singleton's NO_EARLIER
     partner = comm.reduce_max(partner)
     return (out, partner) if return_partner else out
+
+
+def _earlier_nearest(xc: np.ndarray, block_size: int, not_before: np.ndarray) -> np.ndarray:
+    """int64 (M,): for each member of a cluster (rows ``xc``, float32 (M, d), in rank order),
+    the position of the earlier member with the largest exact dot product, the earliest on ties;
+    -1 for the first member.
+
+    float32 blocks (the fast, threaded matmul) give each row its best and second-best estimate;
+    where they are more than twice the float32 error bound apart the best is certain whatever
+    kernel summed them. The other rows (near-ties and identical vectors: 0.3 % of the rows of
+    ``benchmarks/bench_scale.py``'s pool) are decided by :func:`~.exact.exact_argmax`.
+    """
+    m = len(xc)
+    best = np.full(m, -np.inf, np.float32)
+    second = np.full(m, -np.inf, np.float32)
+    arg = np.full(m, -1, np.int64)
+    for js in range(0, m, block_size):
+        xj = xc[js : js + block_size]
+        n_j = len(xj)
+        bj, sj, aj = best[js : js + n_j], second[js : js + n_j], arg[js : js + n_j]  # views
+        for is_ in range(0, js + n_j, block_size):
+            sims = exact.gemm32(xj, xc[is_ : is_ + block_size])
+            if is_ == js:  # diagonal block: only members ranked strictly before count
+                sims[not_before[:n_j, :n_j]] = -np.inf
+            col = sims.argmax(axis=1)
+            top = sims[np.arange(n_j), col]
+            sims[np.arange(n_j), col] = -np.inf
+            sj[:] = np.maximum(np.maximum(sj, sims.max(axis=1)), np.minimum(bj, top))
+            better = top > bj
+            bj[better], aj[better] = top[better], is_ + col[better]
+    norm = max_norm(xc)
+    b32, b64 = (dot_bound(xc.shape[1], norm, norm, t) for t in (np.float32, np.float64))
+    best = best.astype(np.float64)
+    unsure = np.flatnonzero((best > -np.inf) & (second >= best - 2 * b32 - SLACK))
+    if unsure.size:
+        arg[unsure] = exact_argmax(xc[unsure], xc, best[unsure] - b32 - b64 - SLACK,
+                                   before=unsure, twin=first_twin(xc), block_size=block_size)
+    return arg
 
 
 def threshold_for_fraction(dup_sim: np.ndarray, target_fraction: float) -> float:

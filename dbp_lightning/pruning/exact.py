@@ -1,0 +1,208 @@
+"""Similarities and nearest neighbours that no BLAS kernel, thread count or process count changes.
+
+A matrix product's rounding depends on the order its sums are taken in, which the BLAS kernel
+(chosen per CPU), its thread count and its blocking decide: the same dot product differs in its
+last bits from one machine to the next. So every number the selection is built from is defined
+on exact arithmetic over the float32 inputs, and computed so that any summation order gives it:
+
+- a **similarity value** (stored, or compared with a threshold) is the exact dot product of the
+  two float32 vectors, rounded to float64 and then to float32. A float64 estimate in any order
+  lies within a proven bound of the exact value; when every value in that interval rounds to the
+  same float32, that is the result, and otherwise (about one value in 10^6) ``math.fsum`` gives
+  the exactly rounded sum.
+- a **nearest neighbour** (a k-means assignment, SemDeDup's partner) is the argmax of the exact
+  dot products, the lowest index on ties. A fast estimate decides it where its best and second
+  best are more than twice its error bound apart; the other rows are decided again from float64
+  estimates, and the candidates within the float64 bound of the best (identical vectors, in
+  practice) by the exact sign of a difference of two dot products.
+
+The fast estimates may come from anywhere (faiss on CPU or GPU, threaded BLAS) as long as they
+are IEEE float32 or float64 sums: a dot product of d terms summed in any order, with or without
+FMA, is within ``gamma_d * sum_i |a_i b_i| <= gamma_d * ||a|| ||b||`` of the exact value, with
+``gamma_d = d u / (1 - d u)`` and ``u`` the unit roundoff (Higham, *Accuracy and Stability of
+Numerical Algorithms*, 2nd ed., eq. 3.5). Products of two float32 are exact in float64, which
+makes the fallbacks exact.
+
+Every estimate goes through :func:`gemm32`, :func:`gemm64`, :func:`rowdot64` or
+:func:`~.kmeans.search_top2`, so a test can replace them with any estimate within the bound (as
+another kernel would give) and check that nothing changes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: absolute slack for the rounding of the bound arithmetic itself (|values| stay below ~2).
+SLACK = 2.0**-40
+
+
+def dot_bound(d: int, norm_a: float, norm_b: float, dtype) -> float:
+    """Largest error of a ``d``-term dot product summed in ``dtype`` in any order.
+
+    Args:
+        d: terms in the sum.
+        norm_a, norm_b: upper bounds of the two vectors' L2 norms.
+        dtype: float32 or float64, the precision the sum is taken in.
+
+    Returns:
+        ``gamma_d * norm_a * norm_b`` (a float): ``|computed - exact|`` never exceeds it.
+    """
+    du = d * float(np.finfo(dtype).eps) / 2
+    if du >= 0.5:
+        raise ValueError(f"d={d} terms are too many for a {np.dtype(dtype).name} error bound")
+    return du / (1.0 - du) * norm_a * norm_b * (1.0 + 1e-9)
+
+
+def max_norm(x: np.ndarray) -> float:
+    """Upper bound of the L2 norms of the float32 rows of ``x`` (n, d); 0.0 for no rows.
+
+    The squares are summed in float32 (relative error <= d u) and the result raised to cover it.
+    """
+    if len(x) == 0:
+        return 0.0
+    squares = float(np.einsum("ij,ij->i", x, x).max())
+    return float(np.sqrt(squares * (1.0 + 3.0 * x.shape[1] * 2.0**-24)))
+
+
+def gemm32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float32 (m, n) estimates of ``a @ b.T`` for float32 (m, d) and (n, d): BLAS, threaded."""
+    return a @ b.T
+
+
+def gemm64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float64 (m, n) estimates of ``a @ b.T`` for float32 (m, d) and (n, d), any order."""
+    return a.astype(np.float64) @ b.astype(np.float64).T
+
+
+def rowdot64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float64 (n,) estimates of the row-wise dot products of float32 (n, d) arrays."""
+    return np.einsum("ij,ij->i", a, b, dtype=np.float64)
+
+
+def _exact_dot(a: np.ndarray, b: np.ndarray) -> float:
+    """The exact dot product of two float32 vectors, rounded once to float64."""
+    return math.fsum(a.astype(np.float64) * b.astype(np.float64))  # products are exact
+
+
+def _round(v: np.ndarray, bound: float, exact) -> np.ndarray:
+    """float32 of the exact values that the float64 estimates ``v`` lie within ``bound`` of.
+
+    ``exact(i)`` gives the exactly rounded float64 of value ``i`` (flat index) where the
+    interval straddles a float32 rounding boundary.
+    """
+    delta = bound + SLACK
+    lo, hi = (v - delta).astype(np.float32), (v + delta).astype(np.float32)
+    unsure = np.flatnonzero(lo != hi)  # rounding is monotone: equal ends, one float32 between
+    out = hi.reshape(-1)
+    for i in unsure:
+        out[i] = np.float32(exact(i))
+    return out.reshape(v.shape)
+
+
+def row_sims(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise similarities ``a_i . b_i``, exactly computed and rounded to float32.
+
+    Args:
+        a, b: float32 (n, d).
+
+    Returns:
+        float32 (n,): the exact dot products rounded to float64, then to float32.
+    """
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if a.shape != b.shape:
+        raise ValueError(f"row_sims needs equal shapes, got {a.shape} and {b.shape}")
+    if len(a) == 0:
+        return np.zeros(0, np.float32)
+    bound = dot_bound(a.shape[1], max_norm(a), max_norm(b), np.float64)
+    return _round(rowdot64(a, b), bound, lambda i: _exact_dot(a[i], b[i]))
+
+
+def pair_sims(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """All similarities ``a_i . b_j``, exactly computed and rounded to float32.
+
+    Args:
+        a: float32 (m, d); b: float32 (n, d).
+
+    Returns:
+        float32 (m, n).
+    """
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    bound = dot_bound(a.shape[1], max_norm(a), max_norm(b), np.float64)
+    n = b.shape[0]
+    return _round(gemm64(a, b), bound, lambda i: _exact_dot(a[i // n], b[i % n]))
+
+
+def first_twin(x: np.ndarray) -> np.ndarray:
+    """int64 (n,): for each row of ``x``, the lowest index of a bit-identical row."""
+    x = np.ascontiguousarray(x)
+    rows = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).reshape(-1)
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    return first[inverse.reshape(-1)].astype(np.int64)
+
+
+def _winner(q: np.ndarray, keys: np.ndarray, candidates: np.ndarray) -> int:
+    """Among ``candidates`` (increasing), the key with the largest exact ``q . key``, the
+    lowest index on ties."""
+    q64 = q.astype(np.float64)
+    best = int(candidates[0])
+    for c in candidates[1:]:
+        c = int(c)
+        if np.array_equal(keys[c], keys[best]):
+            continue
+        # the sign of an exactly rounded sum is the sign of the exact sum
+        if math.fsum(np.concatenate([q64 * keys[c], -(q64 * keys[best])])) > 0:
+            best = c
+    return best
+
+
+def exact_argmax(q: np.ndarray, keys: np.ndarray, floor: np.ndarray,
+                 before: np.ndarray | None = None, twin: np.ndarray | None = None,
+                 block_size: int = 4096) -> np.ndarray:
+    """For each query, the key with the largest exact dot product, the lowest index on ties.
+
+    The caller knows a value the best key's float64 estimate cannot fall below (``floor``: an
+    estimate's best minus the bounds); only keys whose estimate reaches it are compared exactly.
+
+    Args:
+        q: float32 (m, d) queries.
+        keys: float32 (n, d).
+        floor: float64 (m,): the best key's float64 estimate (within ``dot_bound`` in float64 of
+            its exact value) is >= floor[i].
+        before: optional int64 (m,): query i considers keys j < before[i] only.
+        twin: optional int64 (n,) from :func:`first_twin` of ``keys``: identical keys are
+            compared once.
+        block_size: keys per float64 block (memory: m x block_size float64).
+
+    Returns:
+        int64 (m,) key indices; -1 where a query has no key to consider.
+    """
+    m, n = len(q), len(keys)
+    limit = np.full(m, n, np.int64) if before is None else np.minimum(before, n)
+    candidates: list[list[np.ndarray]] = [[] for _ in range(m)]
+    for start in range(0, int(limit.max(initial=0)), block_size):
+        stop = min(start + block_size, n)
+        live = np.flatnonzero(limit > start)
+        v = gemm64(q[live], keys[start:stop])
+        v[np.arange(start, stop)[None, :] >= limit[live, None]] = -np.inf
+        rows, cols = np.nonzero((v >= np.asarray(floor)[live, None]) & (v > -np.inf))
+        for r, group in zip(*_groups(rows, cols)):
+            candidates[live[r]].append(start + group)
+    out = np.full(m, -1, np.int64)
+    for i, parts in enumerate(candidates):
+        if not parts:
+            continue
+        found = np.concatenate(parts)
+        if twin is not None:
+            found = np.unique(twin[found])  # a twin is never later than the key it stands for
+        out[i] = _winner(q[i], keys, found) if len(found) > 1 else found[0]
+    return out
+
+
+def _groups(rows: np.ndarray, cols: np.ndarray):
+    """Split ``cols`` by the (sorted) ``rows`` they belong to: (row values, list of arrays)."""
+    if len(rows) == 0:
+        return [], []
+    cuts = np.flatnonzero(np.diff(rows)) + 1
+    return rows[np.concatenate([[0], cuts])], np.split(cols, cuts)
