@@ -56,9 +56,9 @@ def instrument(seconds: dict, counts: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
-    parser.add_argument("--work", default="bench_data", help="where the pool is written (cached)")
+    parser.add_argument("--workdir", default="/tmp/bench_scale", help="where the pool is written (shared with bench_scale.py)")
     args = parser.parse_args()
-    store = Path(args.work) / f"pool_{args.n}"
+    store = Path(args.workdir) / f"pool_{args.n}"
     write_store(store, args.n)
 
     from dbp_lightning.config import PruneConfig, SelectConfig, SemDeDupConfig
