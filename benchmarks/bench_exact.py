@@ -27,7 +27,11 @@ from bench_scale import DBP_K, EPS, KEEP, ROWS_PER_DEDUP_CELL, write_store  # no
 
 def instrument(seconds: dict, counts: dict) -> None:
     """Wrap the fast products and the exact layer where the pipeline calls them."""
-    from dbp_lightning.pruning import complexity, exact, kmeans, semdedup
+    from importlib import import_module
+
+    # import_module: ``dbp_lightning.pruning.semdedup`` is also the name of a function there
+    complexity, exact, kmeans, semdedup = (import_module(f"dbp_lightning.pruning.{name}")
+                                           for name in ("complexity", "exact", "kmeans", "semdedup"))
 
     def timed(module, name, bucket, count=None):
         inner = getattr(module, name)
@@ -42,7 +46,9 @@ def instrument(seconds: dict, counts: dict) -> None:
         setattr(module, name, wrapper)
 
     def count_of(name, args, out):
-        return len(args[0]) if name in ("exact_argmax", "row_sims", "search_top2", "gemm32") else 1
+        if name == "search_top2":  # (index, rows)
+            return len(args[1])
+        return len(args[0]) if name in ("exact_argmax", "row_sims") else 1
 
     timed(exact, "gemm32", "fast products")
     timed(kmeans, "search_top2", "fast products", "rows searched (k-means)")

@@ -194,7 +194,7 @@ def exact_argmax(q: np.ndarray, keys: np.ndarray, floor: np.ndarray,
         if not parts:
             continue
         found = np.concatenate(parts)
-        if twin is not None:
+        if len(found) > 1 and twin is not None:
             found = np.unique(twin[found])  # a twin is never later than the key it stands for
         out[i] = _winner(q[i], keys, found) if len(found) > 1 else found[0]
     return out

@@ -52,7 +52,8 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
             clusters (balanced by pairs, M**2) and every rank gets all N results.
 
     Returns:
-        float32 (N,), in [-1, 1]; ``NO_EARLIER`` (-1.0) for each cluster's first member. With
+        float32 (N,), in [-1, 1]: the exact dot product, rounded (:mod:`.exact`), so the same on
+        every CPU and thread count; ``NO_EARLIER`` (-1.0) for each cluster's first member. With
         ``return_partner``, a tuple (that array, int64 (N,) partner row, -1 where no member is
         ranked before the row in any partition; ties go to the earliest-ranked member, and across
         partitions to the first partition giving the maximum).
@@ -119,7 +120,8 @@ def _earlier_nearest(xc: np.ndarray, block_size: int, not_before: np.ndarray) ->
         bj, sj, aj = best[js : js + n_j], second[js : js + n_j], arg[js : js + n_j]  # views
         for is_ in range(0, js + n_j, block_size):
             sims = exact.gemm32(xj, xc[is_ : is_ + block_size])
-            if is_ == js:  # diagonal block: only members ranked strictly before count
+            if is_ == js:  # diagonal block: only members ranked strictly before count (-inf, not
+                # NO_EARLIER, so that an earlier member at exactly -1.0 is still a partner)
                 sims[not_before[:n_j, :n_j]] = -np.inf
             col = sims.argmax(axis=1)
             top = sims[np.arange(n_j), col]
