@@ -76,10 +76,9 @@ def test_exact_argmax_with_identical_and_last_bit_keys(seed, n, d):
     keys[bumped, 0] = np.nextafter(keys[bumped, 0], np.float32(np.inf))
     q = keys[rng.integers(0, n, 5)] + np.float32(0)
     before = rng.integers(0, n + 1, len(q))
-    floor = np.full(len(q), -np.inf)
-    got = exact_argmax(q, keys, floor, before=before, twin=first_twin(keys), block_size=7)
+    got = exact_argmax(q, keys, before=before, twin=first_twin(keys), block_size=7)
     assert got.tolist() == [brute_argmax(qi, keys, b) for qi, b in zip(q, before)]
-    assert exact_argmax(q, keys, floor).tolist() == [brute_argmax(qi, keys) for qi in q]
+    assert exact_argmax(q, keys).tolist() == [brute_argmax(qi, keys) for qi in q]
 
 
 def test_error_bound_holds_for_float32_sums_in_many_orders(rng):

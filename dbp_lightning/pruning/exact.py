@@ -157,22 +157,40 @@ def _winner(q: np.ndarray, keys: np.ndarray, candidates: np.ndarray) -> int:
     return best
 
 
-def exact_argmax(q: np.ndarray, keys: np.ndarray, floor: np.ndarray,
-                 before: np.ndarray | None = None, twin: np.ndarray | None = None,
-                 block_size: int = 4096) -> np.ndarray:
+def top2_update(best: np.ndarray, second: np.ndarray, arg: np.ndarray, sims: np.ndarray,
+                offset: int) -> None:
+    """Fold a block of estimates into each row's running best, second best and argmax.
+
+    Args:
+        best, second: (m,) running best and second-best estimates (updated in place).
+        arg: int64 (m,) running argmax (in place); ties keep the earlier block's.
+        sims: (m, b) estimates for keys ``offset .. offset + b`` (-inf: excluded); overwritten.
+        offset: index of the block's first key.
+    """
+    rows = np.arange(len(sims))
+    col = sims.argmax(axis=1)
+    top = sims[rows, col]
+    sims[rows, col] = -np.inf
+    second[:] = np.maximum(np.maximum(second, sims.max(axis=1)), np.minimum(best, top))
+    better = top > best
+    best[better], arg[better] = top[better], offset + col[better]
+
+
+def exact_argmax(q: np.ndarray, keys: np.ndarray, before: np.ndarray | None = None,
+                 twin: np.ndarray | None = None, block_size: int = 4096) -> np.ndarray:
     """For each query, the key with the largest exact dot product, the lowest index on ties.
 
-    The caller knows a value the best key's float64 estimate cannot fall below (``floor``: an
-    estimate's best minus the bounds); only keys whose estimate reaches it are compared exactly.
+    Float64 estimates decide every row whose best and second best are more than twice their
+    error bound apart. In the other rows, the keys within that bound of the best are the
+    candidates: when they are all one vector (identical rows, as web pools hold), its lowest
+    index wins; otherwise the exact sign of each difference decides.
 
     Args:
         q: float32 (m, d) queries.
         keys: float32 (n, d).
-        floor: float64 (m,): the best key's float64 estimate (within ``dot_bound`` in float64 of
-            its exact value) is >= floor[i].
         before: optional int64 (m,): query i considers keys j < before[i] only.
-        twin: optional int64 (n,) from :func:`first_twin` of ``keys``: identical keys are
-            compared once.
+        twin: optional int64 (n,) from :func:`first_twin` of ``keys``: identical keys count as
+            one (pass it when keys may repeat).
         block_size: keys per float64 block (memory: m x block_size float64).
 
     Returns:
@@ -180,29 +198,39 @@ def exact_argmax(q: np.ndarray, keys: np.ndarray, floor: np.ndarray,
     """
     m, n = len(q), len(keys)
     limit = np.full(m, n, np.int64) if before is None else np.minimum(before, n)
-    candidates: list[list[np.ndarray]] = [[] for _ in range(m)]
-    for start in range(0, int(limit.max(initial=0)), block_size):
-        stop = min(start + block_size, n)
-        live = np.flatnonzero(limit > start)
-        v = gemm64(q[live], keys[start:stop])
-        v[np.arange(start, stop)[None, :] >= limit[live, None]] = -np.inf
-        rows, cols = np.nonzero((v >= np.asarray(floor)[live, None]) & (v > -np.inf))
-        for r, group in zip(*_groups(rows, cols)):
-            candidates[live[r]].append(start + group)
-    out = np.full(m, -1, np.int64)
-    for i, parts in enumerate(candidates):
-        if not parts:
-            continue
-        found = np.concatenate(parts)
-        if len(found) > 1 and twin is not None:
-            found = np.unique(twin[found])  # a twin is never later than the key it stands for
-        out[i] = _winner(q[i], keys, found) if len(found) > 1 else found[0]
-    return out
 
+    def blocks(rows):
+        """(block start, live rows, their float64 estimates) over the keys ``rows`` consider."""
+        for start in range(0, int(limit[rows].max(initial=0)), block_size):
+            stop = min(start + block_size, n)
+            live = rows[limit[rows] > start]
+            v = gemm64(q[live], keys[start:stop])
+            v[np.arange(start, stop)[None, :] >= limit[live, None]] = -np.inf
+            yield start, live, v
 
-def _groups(rows: np.ndarray, cols: np.ndarray):
-    """Split ``cols`` by the (sorted) ``rows`` they belong to: (row values, list of arrays)."""
-    if len(rows) == 0:
-        return [], []
-    cuts = np.flatnonzero(np.diff(rows)) + 1
-    return rows[np.concatenate([[0], cuts])], np.split(cols, cuts)
+    best, second = np.full(m, -np.inf), np.full(m, -np.inf)
+    arg = np.full(m, -1, np.int64)
+    for start, live, v in blocks(np.arange(m)):
+        b, s, a = best[live], second[live], arg[live]
+        top2_update(b, s, a, v, start)
+        best[live], second[live], arg[live] = b, s, a
+    margin = 2 * dot_bound(q.shape[1], max_norm(q), max_norm(keys), np.float64) + SLACK
+    unsure = np.flatnonzero((best > -np.inf) & (second >= best - margin))
+    if unsure.size == 0:
+        return arg
+    # the best key's estimate is >= best - margin in any order of summation: the candidates
+    floor = np.full(m, np.inf)
+    floor[unsure] = best[unsure] - margin
+    group = np.arange(n) if twin is None else np.asarray(twin)
+    low, high = np.full(m, n), np.full(m, -1)
+    for start, live, v in blocks(unsure):
+        near = v >= floor[live, None]
+        ids = group[start : start + v.shape[1]][None, :]
+        low[live] = np.minimum(low[live], np.where(near, ids, n).min(axis=1))
+        high[live] = np.maximum(high[live], np.where(near, ids, -1).max(axis=1))
+    one = unsure[low[unsure] == high[unsure]]
+    arg[one] = low[one]  # a twin is never later than the key it stands for
+    for i in unsure[low[unsure] != high[unsure]]:  # distinct vectors within the bound: rare
+        v = gemm64(q[i : i + 1], keys[: limit[i]])[0]
+        arg[i] = _winner(q[i], keys, np.unique(group[np.flatnonzero(v >= floor[i])]))
+    return arg

@@ -92,15 +92,11 @@ class _Nearest:
             ids = np.zeros(len(block), np.int64)
         else:
             sims, found = search_top2(self.index, block)
-            norm = max_norm(block)
-            b32 = dot_bound(self.d, norm, self.norm, np.float32)
-            b64 = dot_bound(self.d, norm, self.norm, np.float64)
-            top = sims[:, 0].astype(np.float64)
+            margin = 2 * dot_bound(self.d, max_norm(block), self.norm, np.float32) + SLACK
             ids = found[:, 0].astype(np.int64)
-            unsure = np.flatnonzero(top - sims[:, 1] <= 2 * b32 + SLACK)
+            unsure = np.flatnonzero(sims[:, 0].astype(np.float64) - sims[:, 1] <= margin)
             if unsure.size:
-                ids[unsure] = exact_argmax(block[unsure], self.centroids,
-                                           top[unsure] - b32 - b64 - SLACK, twin=self.twin)
+                ids[unsure] = exact_argmax(block[unsure], self.centroids, twin=self.twin)
         return ids
 
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .collective import Local, owners
 from .embeddings import as_embeddings
 from . import exact
-from .exact import SLACK, dot_bound, exact_argmax, first_twin, max_norm, row_sims
+from .exact import SLACK, dot_bound, exact_argmax, first_twin, max_norm, row_sims, top2_update
 from .groups import cluster_index
 
 #: duplicate similarity of a cluster's first-ranked member (nothing ranked before it).
@@ -107,8 +107,8 @@ def _earlier_nearest(xc: np.ndarray, block_size: int, not_before: np.ndarray) ->
 
     float32 blocks (the fast, threaded matmul) give each row its best and second-best estimate;
     where they are more than twice the float32 error bound apart the best is certain whatever
-    kernel summed them. The other rows (near-ties and identical vectors: 0.3 % of the rows of
-    ``benchmarks/bench_scale.py``'s pool) are decided by :func:`~.exact.exact_argmax`.
+    kernel summed them. The other rows (near-ties and identical vectors: 0.31 % of the rows of
+    ``benchmarks/bench_exact.py``'s pool) are decided by :func:`~.exact.exact_argmax`.
     """
     m = len(xc)
     best = np.full(m, -np.inf, np.float32)
@@ -123,19 +123,13 @@ def _earlier_nearest(xc: np.ndarray, block_size: int, not_before: np.ndarray) ->
             if is_ == js:  # diagonal block: only members ranked strictly before count (-inf, not
                 # NO_EARLIER, so that an earlier member at exactly -1.0 is still a partner)
                 sims[not_before[:n_j, :n_j]] = -np.inf
-            col = sims.argmax(axis=1)
-            top = sims[np.arange(n_j), col]
-            sims[np.arange(n_j), col] = -np.inf
-            sj[:] = np.maximum(np.maximum(sj, sims.max(axis=1)), np.minimum(bj, top))
-            better = top > bj
-            bj[better], aj[better] = top[better], is_ + col[better]
+            top2_update(bj, sj, aj, sims, is_)
     norm = max_norm(xc)
-    b32, b64 = (dot_bound(xc.shape[1], norm, norm, t) for t in (np.float32, np.float64))
-    best = best.astype(np.float64)
-    unsure = np.flatnonzero((best > -np.inf) & (second >= best - 2 * b32 - SLACK))
+    margin = 2 * dot_bound(xc.shape[1], norm, norm, np.float32) + SLACK
+    unsure = np.flatnonzero((best > -np.inf) & (second >= best.astype(np.float64) - margin))
     if unsure.size:
-        arg[unsure] = exact_argmax(xc[unsure], xc, best[unsure] - b32 - b64 - SLACK,
-                                   before=unsure, twin=first_twin(xc), block_size=block_size)
+        arg[unsure] = exact_argmax(xc[unsure], xc, before=unsure, twin=first_twin(xc),
+                                   block_size=block_size)
     return arg
 
 
