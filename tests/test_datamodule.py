@@ -206,3 +206,11 @@ def test_a_shard_whose_every_sample_was_skipped_streams_nothing(tmp_path):
     plain = make_dm(tmp_path, num_workers=0)  # the source shards, filtered as they stream
     plain.setup("fit")
     assert sorted(i for batch in plain.train_dataloader() for i in batch[2]) == sorted(seen)
+
+
+def test_a_missing_shard_is_named_when_the_datamodule_is_built(tmp_path):
+    shards = write_shards(tmp_path / "wds", n_shards=3, per_shard=4)
+    Path(shards[1]).unlink()
+    with pytest.raises(ValueError, match=r"1 of 3 cannot be read.*shard-00001\.tar \(no such file\)"):
+        DBPDataModule(str(tmp_path / "wds" / "shard-{00000..00002}.tar"), cache_dir=str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()

@@ -184,3 +184,35 @@ def test_resume_refuses_a_directory_embedded_with_other_settings(tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         embed_shards(str(tmp_path / "wds"), str(tmp_path / "emb"), TINY, batch_size=4, num_workers=0,
                      dtype="float32")
+
+
+def test_unreadable_shards_are_all_named_before_any_embedding(tmp_path, capsys):
+    """A brace pattern that names a missing shard, a zero-byte file and an error page saved as
+    a tar: one line names all three and why, exit 2, and nothing is embedded or written."""
+    from pathlib import Path
+
+    from dbp_lightning.cli import main
+
+    shards = write_shards(tmp_path / "wds", n_shards=5, per_shard=3)
+    Path(shards[1]).unlink()
+    Path(shards[2]).write_bytes(b"")
+    Path(shards[3]).write_text("<!DOCTYPE html><html><body>503 Service Unavailable</body></html>")
+    out = tmp_path / "emb"
+    argv = ["embed", "--shards", str(tmp_path / "wds" / "shard-{00000..00004}.tar"), "--out", str(out),
+            "--encoder.kind", "efficientnet_lite0", "--encoder.model", "efficientnet-lite0",
+            "--num_workers", "0", "--batch_size", "4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shards: 3 of 5 cannot be read" in err[0]
+    for name, why in [("shard-00001.tar", "no such file"), ("shard-00002.tar", "empty file"),
+                      ("shard-00003.tar", "not a tar archive: starts with b'<!DOCTYPE html><'")]:
+        assert f"{name} ({why}" in err[0]
+    assert not out.exists()
+    with pytest.raises(ValueError, match="1 of 2 cannot be read"):  # a list names them too
+        embed_shards([shards[0], shards[2]], tmp_path / "emb2", TINY)
+    assert not (tmp_path / "emb2").exists()
+    Path(shards[1]).write_bytes(b"\0" * 10240)  # a tar with no members: valid, no samples
+    Path(shards[2]).unlink()
+    Path(shards[3]).unlink()
+    assert embed_shards([shards[0], shards[1]], tmp_path / "emb3", TINY, batch_size=4, num_workers=0,
+                        dtype="float32").manifest["empty_shards"][0]["name"] == "shard-00001"

@@ -21,9 +21,17 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 def expand_shards(spec: str | list[str]) -> list[str]:
     """Shard paths from a brace pattern, a glob, a directory, or a list of any of these.
 
-    Returns sorted-within-pattern, de-duplicated absolute paths; raises ValueError naming the
-    pattern that matched nothing and any shard whose name (stem) appears twice, because
-    outputs are stored by shard name.
+    Every shard is checked before it is returned, so that no work starts on a pool with a hole in
+    it: a name that a brace pattern or list gives must exist, and every file must be a readable,
+    non-empty tar (see :func:`shard_problem`).
+
+    Returns:
+        sorted-within-pattern, de-duplicated absolute paths.
+
+    Raises:
+        ValueError: one line naming the pattern that matched nothing, or every shard that cannot
+            be read and why, or a shard name (stem) that appears twice (outputs are stored by
+            shard name).
     """
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     paths: list[str] = []
@@ -33,19 +41,54 @@ def expand_shards(spec: str | list[str]) -> list[str]:
             found = sorted(str(p) for p in Path(s).glob("*.tar"))
         else:
             found = []
-            for pattern in braceexpand(s):
-                found += sorted(glob.glob(pattern)) if glob.has_magic(pattern) else (
-                    [pattern] if os.path.isfile(pattern) else [])
+            for pattern in braceexpand(s):  # a named file that is missing is reported below
+                found += sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not found:
             raise ValueError(f"shards: {s!r} matches no tar file")
         paths += [os.path.abspath(p) for p in found]
     paths = list(dict.fromkeys(paths))
+    bad = [f"{p} ({why})" for p in paths if (why := shard_problem(p))]
+    if bad:
+        raise ValueError(f"shards: {len(bad)} of {len(paths)} cannot be read, fix or remove them "
+                         f"before embedding: {'; '.join(bad)}")
     names = Counter(shard_name(p) for p in paths)
     clash = [n for n, c in names.items() if c > 1]
     if clash:
         both = [p for p in paths if shard_name(p) == clash[0]]
         raise ValueError(f"shards: two shards share the name {clash[0]!r}: {both[0]} and {both[1]}")
     return paths
+
+
+#: how compressed tars begin (gzip, bzip2, xz): read through tarfile's "r|*" like plain ones
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def shard_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a tar shard, in a few words, or None when it can.
+
+    Reads the first 512 bytes only: a missing or unreadable file, an empty file, and a file that
+    does not start with a tar header (a failed download saved as ``.tar``, an HTML error page)
+    are problems; a tar with no members is not (it holds no samples). Damage further in is
+    found while the shard is read and counted there (:func:`iter_shard`).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(tarfile.BLOCKSIZE)
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return exc.strerror.lower() if exc.strerror else str(exc)
+    if not head:
+        return "empty file"
+    if head.startswith(_COMPRESSED):
+        return None
+    try:
+        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except tarfile.EOFHeaderError:  # zero blocks: an archive with no members
+        return None
+    except tarfile.HeaderError:
+        return f"not a tar archive: starts with {head[:16]!r}"
+    return None
 
 
 def shard_name(path: str) -> str:
