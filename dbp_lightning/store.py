@@ -79,9 +79,15 @@ class ShardedArray:
             if step != 1:
                 raise IndexError("ShardedArray slices must have step 1")
             return self._range(start, stop)
-        index = np.asarray(item, dtype=np.int64)
-        if index.ndim != 1:
-            raise IndexError("ShardedArray takes a slice or a 1-D integer array")
+        index = np.asarray(item)
+        if index.dtype == bool:  # a keep mask, as NumPy reads it (not rows 0 and 1)
+            if index.shape != (self.shape[0],):
+                raise IndexError(f"boolean index of shape {index.shape} for {self.shape[0]} rows")
+            index = np.flatnonzero(index)
+        if index.ndim != 1 or (index.size and index.dtype.kind not in "iu"):
+            raise IndexError("ShardedArray takes a slice, a 1-D integer array or a boolean mask "
+                             "of its rows")
+        index = index.astype(np.int64, copy=False)
         if index.size and (index.min() < 0 or index.max() >= self.shape[0]):
             raise IndexError(f"row index out of range [0, {self.shape[0]})")
         out = np.empty((len(index), self.shape[1]), self.dtype)

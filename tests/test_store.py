@@ -74,3 +74,18 @@ def test_reads_drop_their_pages_so_a_pass_stays_out_of_core(tmp_path, monkeypatc
     np.testing.assert_array_equal(arr[rows], np.concatenate([x, x[:1000]])[rows])
     grown_mib = (_rss_file_kb() - before) / 1024
     assert grown_mib < 24, f"{grown_mib:.0f} MiB of the 64 MiB store stayed mapped in"
+
+
+def test_masks_index_the_store_as_numpy_does_and_other_indices_raise(tmp_path, rng):
+    """The README's API snippet, on a store, selects what it selects on the array."""
+    from dbp_lightning.pruning import semdedup, spherical_kmeans
+
+    x, store = make_store(tmp_path, rng, n=250, d=8, shard_rows=60)
+    rows = store.embeddings
+    dedup = spherical_kmeans(rows, k=5, niter=5, gpu=False)
+    keep = semdedup(rows, dedup.assignment, dedup.similarity, target_fraction=0.8)
+    assert 0 < keep.sum() < len(keep)
+    np.testing.assert_array_equal(rows[keep], x[keep])
+    for bad in (keep[:-1], np.array([0.0, 2.0]), np.zeros((2, 2), int)):
+        with pytest.raises(IndexError):
+            rows[bad]
