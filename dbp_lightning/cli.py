@@ -149,6 +149,8 @@ def run_prune(config: PruneConfig) -> int:
     from .rundir import write_run
 
     config.validate()
+    if not config.input:
+        raise ValueError("input: give an embedding store directory or a .npy file")
     comm = collective_from_environment()  # several processes under torchrun or srun
     if comm.rank != 0:  # one rank tells the story
         logging.getLogger("dbp_lightning").setLevel(logging.WARNING)

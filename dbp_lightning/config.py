@@ -70,8 +70,11 @@ class PruneConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
 
     def validate(self) -> "PruneConfig":
-        """Raise ValueError naming the option for anything wrong that needs no data."""
-        _check(bool(self.input), "input: give an embedding store directory or a .npy file")
+        """Raise ValueError naming the option for anything wrong that needs no data.
+
+        ``input`` and ``output`` are the command's (``dbp-lightning prune`` checks them);
+        ``pipeline.prune`` on an array needs neither.
+        """
         unknown = [s for s in self.stages if s not in STAGES]
         _check(not unknown, f"stages: unknown stage {unknown[0] if unknown else ''!r}; "
                             f"choose from {', '.join(STAGES)}")

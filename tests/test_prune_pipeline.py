@@ -221,3 +221,11 @@ def test_non_datacomp_uids_skip_subset_with_a_reason(tmp_path, rng):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert "32 hex" in report["subset_npy"] and report["kept"] == 50
     assert (tmp_path / "run" / "selection.parquet").stat().st_mode & 0o044  # readable by others
+
+
+def test_prune_on_an_array_needs_no_input_and_the_command_does(rng, capsys):
+    result = prune(unit_rows(rng, 200, 8), PruneConfig(stages=["random"], select=SelectConfig(target_size=50)))
+    assert result.report["kept"] == 50 and int(result.kept.sum()) == 50
+    assert main(["prune", "--stages", "[random]", "--select.target_size", "50",
+                 "--select.target_fraction", "null"]) == 2
+    assert "input: give an embedding store directory or a .npy file" in capsys.readouterr().err
