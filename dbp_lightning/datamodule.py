@@ -140,6 +140,9 @@ class DBPDataModule(L.LightningDataModule):
         which samples are kept and the report (every process)."""
         from .distributed import gloo_beside
 
+        if not (self.store_dir / "manifest.json").is_file():
+            raise RuntimeError(f"DBPDataModule.setup: no embedding store at {self.store_dir}; call "
+                               "prepare_data() first (Trainer.fit and validate call both)")
         comm = gloo_beside(self.trainer.local_rank) if self._world()[1] > 1 else None
         try:
             cache.ensure_pruned(self.cache_dir, self.store_dir, self.prune_config, comm=comm)
@@ -211,6 +214,9 @@ class DBPDataModule(L.LightningDataModule):
     def train_dataloader(self):
         """(images, texts, ids) batches of the kept samples, each once per epoch per process
         group; shards split by rank, then by worker."""
+        if self._kept is None:
+            raise RuntimeError("DBPDataModule.train_dataloader: nothing is pruned yet; call "
+                               "prepare_data() and setup() first (Trainer.fit calls both)")
         rank, world = self._world()
         per_rank = self.batches_per_rank(world)
         if world > len(self._train_shards):

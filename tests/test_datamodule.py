@@ -214,3 +214,14 @@ def test_a_missing_shard_is_named_when_the_datamodule_is_built(tmp_path):
     with pytest.raises(ValueError, match=r"1 of 3 cannot be read.*shard-00001\.tar \(no such file\)"):
         DBPDataModule(str(tmp_path / "wds" / "shard-{00000..00002}.tar"), cache_dir=str(tmp_path / "cache"))
     assert not (tmp_path / "cache").exists()
+
+
+def test_calls_out_of_order_say_which_call_is_missing(tmp_path):
+    shards = write_shards(tmp_path / "wds", n_shards=2, per_shard=4)
+    dm = DBPDataModule(shards, cache_dir=str(tmp_path / "cache"),
+                       prune=PruneConfig(stages=["random"], select=SelectConfig(target_fraction=0.5)))
+    with pytest.raises(RuntimeError, match=r"train_dataloader: nothing is pruned yet; call prepare_data\(\) and setup\(\)"):
+        dm.train_dataloader()
+    with pytest.raises(RuntimeError, match=r"setup: no embedding store at .*; call prepare_data\(\) first"):
+        dm.setup("fit")
+    assert not (tmp_path / "cache").exists()  # neither call started any work
