@@ -32,6 +32,20 @@ from .data.reshard import reshard
 from .data.shards import decode_caption, decode_image, expand_shards, shard_name, with_id
 
 
+def _shard_fault(exc: Exception) -> bool:
+    """webdataset's error handler for the stream.
+
+    A shard that cannot be opened any more (deleted, moved or made unreadable since the pool was
+    embedded) stops the epoch with an error naming it: skipping it would let ``with_epoch`` fill
+    the epoch with repeated samples. Damage inside a tar (a truncated shard) is skipped with a
+    warning, as the embedder skipped and counted it.
+    """
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        raise RuntimeError(f"shard {exc.filename or exc.args[-1]}: {exc.strerror.lower()} while "
+                           "streaming it; the pool changed since it was embedded") from exc
+    return wds.warn_and_continue(exc)
+
+
 def _every_nth(src, start: int, step: int):
     """webdataset node splitter: shards start, start + step, ... (picklable for workers)."""
     return itertools.islice(src, start, None, step)
@@ -183,7 +197,7 @@ class DBPDataModule(L.LightningDataModule):
         ds = wds.WebDataset(shards, shardshuffle=False,
                             nodesplitter=functools.partial(_every_nth, start=rank, step=world),
                             workersplitter=wds.split_by_worker, empty_check=False,
-                            handler=wds.warn_and_continue)
+                            handler=_shard_fault)
         ds = ds.map(with_id)  # parse the json once per sample, for the filter and the batch
         if keep is not None:
             ds = ds.select(keep)

@@ -225,3 +225,15 @@ def test_calls_out_of_order_say_which_call_is_missing(tmp_path):
     with pytest.raises(RuntimeError, match=r"setup: no embedding store at .*; call prepare_data\(\) first"):
         dm.setup("fit")
     assert not (tmp_path / "cache").exists()  # neither call started any work
+
+
+def test_a_shard_that_disappears_while_streaming_is_named_not_refilled(tmp_path):
+    write_shards(tmp_path / "wds", n_shards=3, per_shard=8)
+    dm = make_dm(tmp_path, num_workers=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    batches = iter(dm.train_dataloader())
+    next(batches)  # the stream is open on the first shard
+    (tmp_path / "wds" / "shard-00002.tar").unlink()
+    with pytest.raises(RuntimeError, match=r"shard .*shard-00002\.tar: no such file .*changed since"):
+        list(batches)
