@@ -26,7 +26,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .atomic import write_json, write_npy, write_parquet
-from .data.shards import decode_caption, decode_image, expand_shards, iter_shard, sample_id, shard_name
+from .data.shards import (caption_fault, decode_caption, decode_image, expand_shards, iter_shard,
+                          sample_id, shard_name)
 from .encoders import Encoder, EncoderConfig, build_encoder
 from .store import FORMAT, VERSION, EmbeddingStore
 
@@ -89,7 +90,7 @@ class ShardChunks(IterableDataset):
                 counts["undecodable_image"] += 1
                 continue
             if caption is None:
-                counts["no_caption"] += 1
+                counts[caption_fault(sample)] += 1
                 continue
             buf.append((sample["__key__"], sample_id(sample), image, caption,
                         _json_fields(sample.get("json"), self.metadata_fields)))

@@ -216,3 +216,18 @@ def test_unreadable_shards_are_all_named_before_any_embedding(tmp_path, capsys):
     Path(shards[3]).unlink()
     assert embed_shards([shards[0], shards[1]], tmp_path / "emb3", TINY, batch_size=4, num_workers=0,
                         dtype="float32").manifest["empty_shards"][0]["name"] == "shard-00001"
+
+
+def test_a_caption_that_is_not_utf8_is_counted_as_such(tmp_path):
+    import webdataset as wds
+
+    from wds_util import image_bytes
+
+    write_shards(tmp_path / "wds", n_shards=1, per_shard=4, no_caption={1})
+    with wds.TarWriter(str(tmp_path / "wds" / "shard-00001.tar")) as sink:
+        for i, txt in [(10, "caf\xe9".encode("latin-1")), (11, b"   "), (12, "café".encode())]:
+            sink.write({"__key__": f"{i:06d}", "png": image_bytes(i, "PNG"), "txt": txt})
+    store = embed_shards(str(tmp_path / "wds"), str(tmp_path / "emb"), TINY, batch_size=4, num_workers=0)
+    counts = store.manifest["counts"]
+    assert counts["caption_not_utf8"] == 1 and counts["no_caption"] == 2  # one absent, one blank
+    assert len(store) == 4 and counts["read"] == 7

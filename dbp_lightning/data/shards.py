@@ -197,6 +197,17 @@ def decode_image(sample: dict):
     return None
 
 
+def caption_fault(sample: dict) -> str:
+    """Why :func:`decode_caption` found no caption, as a count's name: ``caption_not_utf8``
+    when there are caption bytes that are not UTF-8, else ``no_caption`` (absent or blank)."""
+    raw = sample.get("txt")
+    try:
+        raw is not None and raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "caption_not_utf8"
+    return "no_caption"
+
+
 def decode_caption(sample: dict) -> str | None:
     """The sample's caption (``txt``), stripped; None when absent, empty or not UTF-8."""
     raw = sample.get("txt")
