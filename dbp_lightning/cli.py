@@ -186,7 +186,7 @@ def _source_shards(store: str) -> list[str] | None:
 
 
 def run_embed(args) -> int:
-    from .embed import embed_shards
+    from .embed import embed_shards, skip_summary
 
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     strategy = "ddp" if devices not in (1, "1") or args.num_nodes > 1 else "auto"
@@ -194,8 +194,7 @@ def run_embed(args) -> int:
                          args.num_workers, args.dtype,
                          trainer_kwargs={"devices": devices, "num_nodes": args.num_nodes,
                                          "strategy": strategy})
-    print(f"embedded {len(store):,} samples ({store.dim}-d {args.dtype}); samples read and "
-          f"skipped: {store.manifest.get('counts', {})} -> {args.out}")
+    print(f"{skip_summary(store.manifest)} ({store.dim}-d {args.dtype}) -> {args.out}")
     return 0
 
 

@@ -215,6 +215,21 @@ def write_manifest(out_dir: Path, shards: list[str], dtype: str, info: dict) -> 
 SCORE_FIELDS = ("similarity", "clip_l14_similarity_score")
 
 
+def skip_summary(manifest: dict, most: int = 5) -> str:
+    """One line for the end of a run: samples read and embedded, then each skip cause with its
+    count and the shards concerned (the first ``most`` of them)."""
+    total = manifest.get("counts", {})
+    per_shard = manifest["shards"] + manifest.get("empty_shards", [])
+    embedded = sum(s["rows"] for s in manifest["shards"])
+    parts = []
+    for cause in sorted(c for c in total if c != "read"):
+        names = [s["name"] for s in per_shard if s.get("counts", {}).get(cause)]
+        more = f" +{len(names) - most} more" if len(names) > most else ""
+        parts.append(f"{cause} {total[cause]:,} ({', '.join(names[:most])}{more})")
+    skipped = f"; skipped: {'; '.join(parts)}" if parts else "; nothing skipped"
+    return f"read {total.get('read', 0):,} samples, embedded {embedded:,}{skipped}"
+
+
 def embed_shards(shards: str | list[str], out_dir: str, encoder: EncoderConfig,
                  batch_size: int = 256, num_workers: int = 2, dtype: str = "float16",
                  trainer_kwargs: dict | None = None,

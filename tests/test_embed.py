@@ -121,6 +121,7 @@ def test_efficientnet_lite0_through_the_cli(tmp_path, capsys):
             "--out", str(tmp_path / "emb"), "--encoder.kind", "efficientnet_lite0",
             "--encoder.model", "efficientnet-lite0", "--num_workers", "0", "--batch_size", "4"]
     assert main(argv) == 0
+    assert "read 10 samples, embedded 9; skipped: undecodable_image 1 (shard-00000)" in capsys.readouterr().out
     from dbp_lightning.store import EmbeddingStore
 
     store = EmbeddingStore(tmp_path / "emb")
