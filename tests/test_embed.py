@@ -160,7 +160,9 @@ def test_two_ddp_ranks_embed_the_same_store_as_one_process(tmp_path):
     assert two.metadata().column("uid").equals(one.metadata().column("uid"))
 
 
-@pytest.mark.parametrize("cut", [0, 700, 2048, -1536])
+# a cut at 0 leaves a zero-byte file, which is refused before any embedding
+# (test_unreadable_shards_are_all_named_before_any_embedding)
+@pytest.mark.parametrize("cut", [700, 2048, -1536])
 def test_truncated_tar_is_counted_not_fatal(tmp_path, cut):
     from collections import Counter
 
