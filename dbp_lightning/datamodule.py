@@ -41,8 +41,9 @@ def _shard_fault(exc: Exception) -> bool:
     warning, as the embedder skipped and counted it.
     """
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
-        raise RuntimeError(f"shard {exc.filename or exc.args[-1]}: {exc.strerror.lower()} while "
-                           "streaming it; the pool changed since it was embedded") from exc
+        why = (exc.strerror or str(exc)).lower()
+        raise RuntimeError(f"shard {exc.filename or exc.args[-1]}: {why} while streaming it; "
+                           "the pool changed since it was embedded") from exc
     return wds.warn_and_continue(exc)
 
 

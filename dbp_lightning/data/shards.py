@@ -201,10 +201,11 @@ def caption_fault(sample: dict) -> str:
     """Why :func:`decode_caption` found no caption, as a count's name: ``caption_not_utf8``
     when there are caption bytes that are not UTF-8, else ``no_caption`` (absent or blank)."""
     raw = sample.get("txt")
-    try:
-        raw is not None and raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "caption_not_utf8"
+    if raw is not None:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "caption_not_utf8"
     return "no_caption"
 
 

@@ -144,7 +144,8 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
 
     Returns:
         :class:`PruneResult`, the same on every rank. Same config, seed and input give the same
-        selection, bit for bit, with any number of processes.
+        tables, bit for bit, float columns included, with any number of processes and threads
+        and whatever BLAS kernel the CPU gets (:mod:`.exact`).
     """
     config.validate()
     if isinstance(x, EmbeddingStore):
