@@ -8,7 +8,7 @@ on exact arithmetic over the float32 inputs, and computed so that any summation 
 - a **similarity value** (stored, or compared with a threshold) is the exact dot product of the
   two float32 vectors, rounded to float64 and then to float32. A float64 estimate in any order
   lies within a proven bound of the exact value; when every value in that interval rounds to the
-  same float32, that is the result, and otherwise (about one value in 10^6) ``math.fsum`` gives
+  same float32, that is the result, and otherwise (about one value in 6,000) ``math.fsum`` gives
   the exactly rounded sum.
 - a **nearest neighbour** (a k-means assignment, SemDeDup's partner) is the argmax of the exact
   dot products, the lowest index on ties. A fast estimate decides it where its best and second
