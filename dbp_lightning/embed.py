@@ -156,16 +156,31 @@ class ShardWriter(BasePredictionWriter):
 
     def _write_shard(self, chunks: list[dict]) -> None:
         name = chunks[0]["shard"]
-        emb = np.concatenate([c["embeddings"] for c in chunks]).astype(self.dtype)
+        with np.errstate(over="ignore"):  # a row that overflows float16 is left out below
+            emb = np.concatenate([c["embeddings"] for c in chunks]).astype(self.dtype)
         columns = {"key": sum((c["keys"] for c in chunks), []), "uid": sum((c["uids"] for c in chunks), [])}
         if chunks[0]["clip_score"] is not None:
             columns["clip_score"] = np.concatenate([c["clip_score"] for c in chunks]).astype(np.float32)
         for field in chunks[0]["fields"]:
             columns[field] = pa.array(sum((c["fields"][field] for c in chunks), []), pa.float32())
-        write_npy(self.out_dir / f"{name}.npy", emb)
-        write_parquet(self.out_dir / f"{name}.parquet", pa.table(columns))
+        table = pa.table(columns)
         counts = {k: int(v) for k, v in (chunks[-1]["counts"] or {}).items()}
-        write_json(self.out_dir / f"{name}{DONE}", {"rows": len(emb), "counts": counts})
+        done = {"rows": 0, "counts": counts}
+        # a row prune would refuse (no direction, or not finite once stored in this dtype) is
+        # left out here, named and counted, so that a finished store is always prunable
+        bad = ~np.isfinite(emb).all(axis=1) | ~emb.any(axis=1)
+        if bad.any():
+            ids = table.column("uid").filter(pa.array(bad)).to_pylist()
+            warnings.warn(f"{name}: {len(ids)} samples embedded to all-zero or non-finite vectors "
+                          f"in {self.dtype} are left out of the store (first: {ids[0]})",
+                          stacklevel=2)
+            emb, table = emb[~bad], table.filter(pa.array(~bad))
+            counts["degenerate_embedding"] = len(ids)
+            done["degenerate"] = ids
+        write_npy(self.out_dir / f"{name}.npy", emb)
+        write_parquet(self.out_dir / f"{name}.parquet", table)
+        done["rows"] = len(emb)
+        write_json(self.out_dir / f"{name}{DONE}", done)
 
     def on_predict_end(self, trainer, pl_module):
         if self.bar is not None:
@@ -193,8 +208,9 @@ def write_manifest(out_dir: Path, shards: list[str], dtype: str, info: dict) -> 
             raise RuntimeError(f"{shard}: not embedded; rerun to finish it")
         meta = json.loads(done.read_text())
         counts.update(meta["counts"])
+        left_out = {"degenerate": meta["degenerate"]} if meta.get("degenerate") else {}
         if meta["rows"] == 0:
-            empty.append({"name": name, "counts": meta["counts"]})  # no files to list
+            empty.append({"name": name, "counts": meta["counts"], **left_out})  # no files to list
             continue
         arr = np.load(out_dir / f"{name}.npy", mmap_mode="r")
         dim = arr.shape[1]
@@ -202,7 +218,8 @@ def write_manifest(out_dir: Path, shards: list[str], dtype: str, info: dict) -> 
             if key in seen:
                 raise ValueError(f"sample {key!r} occurs in shard {seen[key]} and in shard {shard}")
             seen[key] = shard
-        entries.append({"name": name, "rows": int(meta["rows"]), "counts": meta["counts"]})
+        entries.append({"name": name, "rows": int(meta["rows"]), "counts": meta["counts"],
+                        **left_out})
     if dim is None:
         raise ValueError("no shard had a usable sample: nothing to embed")
     write_json(out_dir / "manifest.json", {"format": FORMAT, "version": VERSION, "dim": int(dim),
@@ -248,6 +265,8 @@ def embed_shards(shards: str | list[str], out_dir: str, encoder: EncoderConfig,
         metadata_fields: numeric fields of each sample's json to keep as float32 columns (null
             where absent), e.g. a CLIP score for the ``clip_score`` stage to read.
     """
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype: a store is float16 or float32, got {dtype!r}")
     paths = expand_shards(shards)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

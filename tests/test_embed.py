@@ -234,3 +234,35 @@ def test_a_caption_that_is_not_utf8_is_counted_as_such(tmp_path):
     counts = store.manifest["counts"]
     assert counts["caption_not_utf8"] == 1 and counts["no_caption"] == 2  # one absent, one blank
     assert len(store) == 4 and counts["read"] == 7
+
+
+def test_degenerate_embeddings_are_left_out_named_and_counted(tmp_path):
+    """All-zero, NaN, and a row that overflows float16: none reaches the store, each is named
+    with its shard, and the store prunes."""
+    from dbp_lightning.config import PruneConfig, SelectConfig
+    from dbp_lightning.embed import ShardWriter, write_manifest
+    from dbp_lightning.pruning.pipeline import prune
+    from dbp_lightning.store import EmbeddingStore
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((12, 6)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    emb[2] = 0.0
+    emb[5, 1] = np.nan
+    emb[7] = 1e5  # finite in float32, inf in float16
+    chunk = {"shard": "shard-00000", "last": True, "keys": [f"{i:06d}" for i in range(12)],
+             "uids": [uid(i) for i in range(12)], "fields": {}, "embeddings": emb, "clip_score": None,
+             "counts": {"read": 12}}
+    writer = ShardWriter(str(tmp_path), ["shard-00000.tar"], "float16", {})
+    with pytest.warns(UserWarning, match=r"shard-00000: 3 samples embedded to all-zero or non-finite"):
+        writer._write_shard([chunk])
+    write_manifest(tmp_path, ["shard-00000.tar"], "float16", {})
+    store = EmbeddingStore(tmp_path)
+    entry = store.manifest["shards"][0]
+    assert entry["rows"] == len(store) == 9 and entry["counts"]["degenerate_embedding"] == 3
+    assert entry["degenerate"] == [uid(2), uid(5), uid(7)]
+    assert uid(2) not in store.metadata().column("uid").to_pylist()
+    result = prune(store, PruneConfig(stages=["random"], select=SelectConfig(target_size=4)))
+    assert result.report["kept"] == 4
+    with pytest.raises(ValueError, match="dtype: a store is float16 or float32"):
+        embed_shards(str(tmp_path), tmp_path / "x", TINY, dtype="float64")
