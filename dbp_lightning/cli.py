@@ -12,6 +12,7 @@ Subcommands:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -338,10 +339,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dbp-lightning {cfg.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk, a read-only or vanished directory: one line too
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"dbp-lightning {cfg.command}: error: {exc.strerror or exc}{where}; nothing "
-              "partial was left under a final name", file=sys.stderr)
+        if exc.errno == errno.ENOSPC:
+            what = f"disk full while writing {exc.filename or 'the output'} ({exc.strerror})"
+        else:
+            what = f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+        print(f"dbp-lightning {cfg.command}: error: {what}; nothing partial was left under a "
+              "final name", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback, the shell's code for SIGINT
+        print(f"dbp-lightning {cfg.command}: interrupted; what had finished is kept (every "
+              "artifact is written whole or not at all) and a rerun picks up from it",
+              file=sys.stderr)
+        return 130
     parser.print_help()
     return 1
 

@@ -85,7 +85,7 @@ def test_full_disk_stops_with_one_line_and_no_partial_run(tmp_path, pool, monkey
     assert main(argv) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # not the bars
     assert len(errors) == 1 and "No space left on device" in errors[0]
-    assert errors[0].split("(")[-1].startswith(str(out / "clusters.parquet"))
+    assert f"disk full while writing {out / 'clusters.parquet'} (No space" in errors[0]
     assert not (out / "manifest.json").exists()  # the run does not claim to be complete
     assert not (out / "clusters.parquet").exists() and not list(out.rglob("*.tmp"))
 
@@ -194,3 +194,17 @@ def test_atomic_writes_name_the_target_but_leave_other_files_errors_alone(tmp_pa
             os.path.getsize(tmp_path / "no-such-input.tar")  # an input read inside the block
     assert missing.value.filename == str(tmp_path / "no-such-input.tar")
     assert not target.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
+    from dbp_lightning import cli
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_prune", interrupted)
+    assert cli.main(["prune", "--input", "x", "--stages", "[random]", "--select.target_size", "5",
+                     "--select.target_fraction", "null"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dbp-lightning prune: interrupted; what had finished is kept (every artifact is "
+                   "written whole or not at all) and a rerun picks up from it"]
