@@ -7,7 +7,11 @@ from typing import NamedTuple
 import numpy as np
 
 from .embeddings import as_embeddings
-from .exact import pair_sims, row_sims
+from .exact import pair_sims, row_sims, row_sums_in_order
+
+
+#: centroids per block of the centroid-centroid similarities (memory: _BLOCK x k float64)
+_BLOCK = 1024
 
 
 class ClusterComplexity(NamedTuple):
@@ -78,17 +82,8 @@ def cluster_complexity(x, centroids: np.ndarray, assignment: np.ndarray,
         sims = pair_sims(centroids[lo : lo + _BLOCK], centroids)  # exactly rounded: any kernel
         sims[np.arange(len(sims)), np.arange(lo, lo + len(sims))] = -np.inf  # not itself
         nearest = -np.partition(-sims, num_neighbors - 1, axis=1)[:, :num_neighbors]
-        d_inter[lo : lo + len(sims)] = _mean_in_order(1.0 - np.sort(nearest.astype(np.float64)))
+        distances = 1.0 - np.sort(nearest.astype(np.float64))
+        d_inter[lo : lo + len(sims)] = row_sums_in_order(distances) / num_neighbors
     return ClusterComplexity(d_intra, d_inter, sizes)
 
 
-#: centroids per block of the centroid-centroid similarities (memory: _BLOCK x k float64)
-_BLOCK = 1024
-
-
-def _mean_in_order(v: np.ndarray) -> np.ndarray:
-    """float64 (m,): row means of ``v`` (m, l), summed column by column (a fixed order)."""
-    total = np.zeros(len(v))
-    for column in v.T:
-        total += column
-    return total / v.shape[1]

@@ -81,6 +81,18 @@ def rowdot64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", a, b, dtype=np.float64)
 
 
+def row_sums_in_order(v: np.ndarray) -> np.ndarray:
+    """float64 (m,): the sums of the rows of ``v`` (m, d), taken column by column.
+
+    Elementwise additions in a fixed order: no SIMD width, thread count or BLAS kernel changes
+    the result (as NumPy's reductions and matrix products may).
+    """
+    total = np.zeros(len(v), np.float64)
+    for column in np.asarray(v, np.float64).T:
+        total += column
+    return total
+
+
 def _exact_dot(a: np.ndarray, b: np.ndarray) -> float:
     """The exact dot product of two float32 vectors, rounded once to float64."""
     return math.fsum(a.astype(np.float64) * b.astype(np.float64))  # products are exact

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from .collective import Local, block_range, owners
 from .embeddings import as_embeddings
-from .exact import SLACK, dot_bound, exact_argmax, first_twin, max_norm, row_sims
+from .exact import (SLACK, dot_bound, exact_argmax, first_twin, max_norm, row_sims,
+                    row_sums_in_order)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,8 @@ def assign(x, centroids: np.ndarray, gpu: str | bool = "auto", progress: bool = 
     for start in tqdm(range(lo, hi, step), disable=not progress, desc="assign", unit="block",
                       leave=False):
         block = emb.rows(start, min(start + step, hi))
-        assignment[start : start + len(block)], similarity[start : start + len(block)] = nearest(block)
+        rows = slice(start, start + len(block))
+        assignment[rows], similarity[rows] = nearest(block)
     return comm.reduce_max(assignment), comm.reduce_max(similarity)
 
 
@@ -205,7 +207,7 @@ def _train(emb, k: int, niter: int, seed: int, n_train: int, gpu_on: bool, tol: 
                               for s in range(0, n_train, emb.block_size)])
         sums = _member_sums(xt, ids, k)
         # sum of the members' similarities: each centroid . its members' sum, in a fixed order
-        objective = math.fsum(_rowdot_in_order(sums, centroids))
+        objective = math.fsum(row_sums_in_order(sums * centroids))
         _reseed_empty(sums, xt, ids, centroids)
         centroids = _normalised(sums)
         if tol is not None and previous is not None and objective - previous <= tol * abs(objective):
@@ -236,18 +238,9 @@ def _reseed_empty(sums: np.ndarray, xt: np.ndarray, ids: np.ndarray, centroids: 
         sums[empty] = xt[np.argsort(sims, kind="stable")[: empty.size]]
 
 
-def _rowdot_in_order(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """float64 (k,): row-wise dot products, summed column by column (elementwise operations:
-    no order that SIMD width or BLAS could change)."""
-    total = np.zeros(len(a), np.float64)
-    for ca, cb in zip(a.T, np.asarray(b, np.float64).T):
-        total += ca * cb
-    return total
-
-
 def _normalised(v: np.ndarray) -> np.ndarray:
     """float32 rows of float64 ``v`` (k, d) over their norms (squares summed in a fixed order)."""
-    return (v / np.sqrt(_rowdot_in_order(v, v))[:, None]).astype(np.float32)
+    return (v / np.sqrt(row_sums_in_order(v * v))[:, None]).astype(np.float32)
 
 
 #: above this many cells, :func:`partition_kmeans` builds the partition in two levels
