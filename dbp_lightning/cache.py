@@ -39,10 +39,11 @@ def shards_fingerprint(paths: list[str]) -> list[tuple]:
 
 def encoder_key(encoder: EncoderConfig) -> dict:
     """What an embedding by ``encoder`` depends on: its config, its weights and config files
-    (replacing one changes the key) and the package versions."""
+    (replacing one changes the key) and the package versions. ``encoder.identity()``: a store
+    embedded before ``random_init`` existed keeps its key."""
     from .rundir import versions
 
-    return {"encoder": vars(encoder), "versions": versions(),
+    return {"encoder": encoder.identity(), "versions": versions(),
             "files": [_file_stamp(encoder.checkpoint), _file_stamp(encoder.model)]}
 
 
@@ -77,8 +78,9 @@ def check_store(store: str | os.PathLike, shards: list[str], encoder: EncoderCon
         raise ValueError(f"store: {store} does not hold these shards (missing {missing[:3]}, "
                          f"extra {extra[:3]})")
     made_by = manifest.get("encoder")
-    if made_by is not None and made_by != json.loads(json.dumps(vars(encoder))):
-        raise ValueError(f"store: {store} was embedded by {made_by}, not by the encoder {vars(encoder)}")
+    wanted_by = encoder.identity()
+    if made_by is not None and made_by != json.loads(json.dumps(wanted_by)):
+        raise ValueError(f"store: {store} was embedded by {made_by}, not by the encoder {wanted_by}")
 
 
 def ensure_store(cache_dir: str | os.PathLike, shards: list[str], encoder: EncoderConfig,

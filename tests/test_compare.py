@@ -125,7 +125,8 @@ def test_compare_clip_score_subset(tmp_path, demo_data):
     """With a CLIP image encoder the store carries scores, so the clip_score subset runs."""
     data, pool = demo_data
     config = _config(tmp_path, data, subsets=["clip_score-0.5"], seeds=[0],
-                     image_encoder={"kind": "open_clip", "model": "tiny-clip", "modality": "image"})
+                     image_encoder={"kind": "open_clip", "model": "tiny-clip", "modality": "image",
+                                    "random_init": True})
     assert main(["compare", "--config", config]) == 0
     run = json.loads((tmp_path / "cmp" / "runs" / "clip_score-0.5" / "seed0" / "result.json").read_text())
     assert [s["stage"] for s in run["prune_report"]["stages"]] == ["clip_score"]

@@ -14,7 +14,7 @@ from dbp_lightning.encoders import EncoderConfig
 from tiny_clip import TinyCLIP
 from wds_util import write_shards
 
-ENCODER = EncoderConfig(kind="open_clip", model="tiny-clip", modality="image")
+ENCODER = EncoderConfig(kind="open_clip", model="tiny-clip", modality="image", random_init=True)
 PRUNE = PruneConfig(stages=["random"], select=SelectConfig(target_fraction=0.6))
 
 
@@ -83,7 +83,7 @@ from tiny_clip import TinyCLIP
 
 from dbp_lightning.config import ClipScoreConfig, SemDeDupConfig
 dm = DBPDataModule({wds!r}, cache_dir={cache!r},
-                   encoder=EncoderConfig(kind="open_clip", model="tiny-clip"),
+                   encoder=EncoderConfig(kind="open_clip", model="tiny-clip", random_init=True),
                    prune={prune!r}, batch_size=3, num_workers=2, embed_batch_size=8, reshard={reshard!r})
 model = TinyCLIP()
 trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
@@ -159,7 +159,7 @@ def test_cache_key_follows_shards_encoder_and_weights(tmp_path):
     write_shards(tmp_path / "wds", n_shards=2, per_shard=4)
     base = make_dm(tmp_path).store_dir
     assert make_dm(tmp_path, encoder=EncoderConfig(kind="open_clip", model="tiny-clip",
-                                                   modality="both")).store_dir != base
+                                                   modality="both", random_init=True)).store_dir != base
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"1")
     with_weights = make_dm(tmp_path, encoder=EncoderConfig(kind="timm", model="resnet10t",
@@ -184,7 +184,8 @@ def test_a_store_embedded_beforehand_is_used_as_it_is(tmp_path):
     seen = [i for batch in dm.train_dataloader() for i in batch[2]]
     assert sorted(seen) == sorted(kept_ids(dm))
     other = make_dm(tmp_path, store=str(tmp_path / "emb"),
-                    encoder=EncoderConfig(kind="open_clip", model="tiny-clip", modality="both"))
+                    encoder=EncoderConfig(kind="open_clip", model="tiny-clip", modality="both",
+                                          random_init=True))
     with pytest.raises(ValueError, match="store: .* was embedded by"):
         other.prepare_data()
     write_shards(tmp_path / "more", n_shards=4, per_shard=8)

@@ -13,7 +13,7 @@ from dbp_lightning.embed import embed_shards
 from dbp_lightning.encoders import EncoderConfig
 from wds_util import uid, write_shards
 
-TINY = EncoderConfig(kind="open_clip", model="tiny-clip", modality="image")
+TINY = EncoderConfig(kind="open_clip", model="tiny-clip", modality="image", random_init=True)
 
 
 def test_embed_open_clip_counts_bad_samples_and_writes_a_store(tmp_path):
@@ -82,7 +82,7 @@ def write_slowly(self, chunks):
     if slow:
         time.sleep(1.0)  # leaves the test time to kill the run between shards
 E.ShardWriter._write_shard = write_slowly
-E.embed_shards(sys.argv[1], sys.argv[2], EncoderConfig(kind="open_clip", model="tiny-clip"),
+E.embed_shards(sys.argv[1], sys.argv[2], EncoderConfig(kind="open_clip", model="tiny-clip", random_init=True),
                batch_size=4, num_workers=0, dtype="float32")
 """
 
@@ -137,8 +137,8 @@ DDP_EMBED = """
 import sys
 from dbp_lightning.embed import embed_shards
 from dbp_lightning.encoders import EncoderConfig
-embed_shards(sys.argv[1], sys.argv[2], EncoderConfig(kind="open_clip", model="tiny-clip"), batch_size=4,
-             num_workers=1, dtype="float32",
+embed_shards(sys.argv[1], sys.argv[2], EncoderConfig(kind="open_clip", model="tiny-clip", random_init=True),
+             batch_size=4, num_workers=1, dtype="float32",
              trainer_kwargs={"accelerator": "cpu", "devices": 2, "strategy": "ddp"})
 """
 
@@ -266,3 +266,73 @@ def test_degenerate_embeddings_are_left_out_named_and_counted(tmp_path):
     assert result.report["kept"] == 4
     with pytest.raises(ValueError, match="dtype: a store is float16 or float32"):
         embed_shards(str(tmp_path), tmp_path / "x", TINY, dtype="float64")
+
+
+def test_embed_refuses_an_encoder_with_no_weights_before_reading_any_shard(tmp_path, capsys):
+    """No encoder flags (open_clip ViT-B-32, no checkpoint) used to write random embeddings and a
+    random clip_score and exit 0. Now: exit 2, one line naming the option, before any shard is
+    looked at (the shards named here do not exist, and that is not what is reported) and before
+    the output directory is made; random_init=true runs."""
+    from dbp_lightning.cli import main
+
+    out = tmp_path / "emb"
+    missing = ["embed", "--shards", str(tmp_path / "nowhere" / "shard-{00000..00001}.tar"), "--out", str(out),
+               "--num_workers", "0", "--batch_size", "4"]
+    capsys.readouterr()
+    assert main(missing) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [("dbp-lightning embed: error: encoder.checkpoint: open_clip model 'ViT-B-32' has no "
+                    "weights; give a local weights file (encoder.checkpoint=...) or set "
+                    "encoder.random_init=true for random weights (tests and smoke runs only)")]
+    assert not out.exists()
+    write_shards(tmp_path / "wds", n_shards=2, per_shard=4)
+    argv = ["embed", "--shards", str(tmp_path / "wds"), "--out", str(out), "--num_workers", "0",
+            "--batch_size", "4"]
+    assert main(argv) == 2 and "has no weights" in capsys.readouterr().err and not out.exists()
+    assert main(argv + ["--encoder.random_init", "true", "--encoder.model", "tiny-clip"]) == 0
+    assert "read 8 samples, embedded 8" in capsys.readouterr().out
+    from dbp_lightning.store import EmbeddingStore
+
+    store = EmbeddingStore(out)
+    assert len(store) == 8 and store.manifest["encoder"]["random_init"] is True
+
+
+def test_a_store_with_weights_keeps_its_key_and_is_reused_without_embedding_again(tmp_path, monkeypatch):
+    """random_init changes no existing store: a config with weights hashes to the key the code
+    before the field computed (five fields, no random_init), embed.json and the manifest record
+    the encoder as before, and the same config reruns on the store without embedding a shard."""
+    import os
+
+    import torch
+
+    from dbp_lightning import cache, embed
+    from dbp_lightning.encoders import build_encoder
+    from dbp_lightning.rundir import versions
+
+    paths = write_shards(tmp_path / "wds", n_shards=2, per_shard=4)
+    weights = tmp_path / "tiny.pt"
+    torch.save(build_encoder(TINY).model.state_dict(), weights)
+    encoder = EncoderConfig(kind="open_clip", model="tiny-clip", checkpoint=str(weights))
+    before = {"kind": "open_clip", "model": "tiny-clip", "checkpoint": str(weights), "modality": "image",
+              "image_size": None}  # vars(EncoderConfig) before random_init existed
+    old_key = cache.digest({"shards": cache.shards_fingerprint(paths), "encoder": before,
+                            "versions": versions(), "dtype": "float16",
+                            "files": [cache._file_stamp(str(weights)), cache._file_stamp("tiny-clip")]})
+    out = cache.store_dir(tmp_path / "cache", paths, encoder, "float16")
+    assert out.name == f"embeddings-{old_key}"
+    assert cache.ensure_store(tmp_path / "cache", paths, encoder, num_workers=0) == out
+    assert json.loads((out / "embed.json").read_text())["encoder"] == before
+    assert json.loads((out / "manifest.json").read_text())["encoder"] == before
+    stamps = {p.name: os.stat(p).st_mtime_ns for p in out.glob("shard-*")}
+
+    def embeds_again(*args, **kwargs):
+        raise AssertionError("a shard was embedded again")
+
+    monkeypatch.setattr(embed.ShardWriter, "_write_shard", embeds_again)
+    assert cache.ensure_store(tmp_path / "cache", paths, encoder, num_workers=0) == out  # reused
+    embed.embed_shards(paths, str(out), encoder, num_workers=0)  # a rerun on it: same settings
+    assert {p.name: os.stat(p).st_mtime_ns for p in out.glob("shard-*")} == stamps
+    cache.check_store(out, paths, encoder)  # store= names it: accepted
+    with pytest.raises(ValueError, match="store: .* was embedded by"):
+        cache.check_store(out, paths, TINY)  # random weights are another encoder
+    assert cache.store_dir(tmp_path / "cache", paths, TINY, "float16") != out

@@ -121,8 +121,8 @@ def test_full_disk_while_embedding_keeps_finished_shards_and_resumes(tmp_path, m
 
     def argv(out):
         return ["embed", "--shards", str(tmp_path / "wds"), "--out", str(out), "--encoder.kind", "open_clip",
-                "--encoder.model", "tiny-clip", "--encoder.modality", "image", "--num_workers", "0",
-                "--batch_size", "4"]
+                "--encoder.model", "tiny-clip", "--encoder.modality", "image", "--encoder.random_init", "true",
+                "--num_workers", "0", "--batch_size", "4"]
 
     out = tmp_path / "emb"
     with monkeypatch.context() as m:
@@ -153,7 +153,8 @@ def test_full_disk_while_resharding_leaves_no_partial_tar(tmp_path, monkeypatch)
 
     def datamodule(cache):
         return DBPDataModule(str(tmp_path / "wds"), cache_dir=str(tmp_path / cache),
-                             encoder=EncoderConfig(kind="open_clip", model="tiny-clip", modality="image"),
+                             encoder=EncoderConfig(kind="open_clip", model="tiny-clip", modality="image",
+                                                   random_init=True),
                              prune=PruneConfig(stages=["random"], select=SelectConfig(target_fraction=0.6)),
                              batch_size=4, num_workers=2, embed_batch_size=8, reshard=True)
 
