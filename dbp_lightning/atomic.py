@@ -1,20 +1,26 @@
-"""Atomic file writes: write to a temporary name in the same directory, then rename.
+"""Atomic writes: write to a temporary name in the same directory, then rename.
 
-A reader therefore sees either the previous file or the complete new one, never a partial
-file, even if the process is killed mid-write.
+A reader therefore sees either the previous file (or directory) or the complete new one, never
+a partial one, even if the process is killed mid-write or the disk fills.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -38,6 +44,72 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging directory beside ``path``; when the block succeeds, the staging
+    directory takes ``path``'s place in one rename and the previous ``path`` is removed.
+
+    The caller must hold ``path``'s :func:`~dbp_lightning.lock.directory_lock` (the staging
+    names are per process, and :func:`recover_dir` removes those of dead writers). If the block
+    fails, the staging directory is removed and ``path`` is as it was.
+
+    On Linux the swap is ``renameat2(RENAME_EXCHANGE)``: at every instant ``path`` is the old
+    or the new directory. Where the file system cannot exchange (NFS), it is two renames, the
+    old directory first set aside as ``.<name>.old-<pid>``; a kill between them leaves
+    ``path`` absent for an instant, and :func:`recover_dir` puts the old directory back.
+    """
+    path = Path(path).absolute()
+    stage = path.parent / f".{path.name}.swap-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        try:
+            yield stage
+        except OSError as exc:  # name the file by where it was going, not its staging name
+            name = str(exc.filename or "")
+            if not name.startswith(str(stage)):
+                raise
+            raise OSError(exc.errno, exc.strerror or str(exc),
+                          str(path) + name[len(str(stage)):]) from exc
+        if not path.exists():
+            os.rename(stage, path)
+        elif not _exchange(stage, path):
+            aside = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.rename(path, aside)
+            os.rename(stage, path)
+            shutil.rmtree(aside)
+    finally:  # the staging directory holds the failed new run, or the replaced old one
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def recover_dir(path: str | os.PathLike) -> None:
+    """Undo what a killed :func:`atomic_dir` left beside ``path``: put an old directory set
+    aside back if ``path`` is missing, and remove staging directories. Call it holding the lock."""
+    path = Path(path).absolute()
+    aside = sorted(path.parent.glob(f".{path.name}.old-*"))
+    if aside and not path.exists():
+        log.warning("%s: a swap was cut short; restoring the previous directory", path)
+        os.rename(aside.pop(), path)
+    for leftover in [*aside, *path.parent.glob(f".{path.name}.swap-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False when the
+    platform or file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -95,6 +95,11 @@ def ensure_store(cache_dir: str | os.PathLike, shards: list[str], encoder: Encod
     return out
 
 
+#: seconds a job waits for another that fills the same cache entry (under the collectives'
+#: two-hour timeout, which the other ranks wait on meanwhile)
+LOCK_WAIT = 3600.0
+
+
 def ensure_pruned(cache_dir: str | os.PathLike, store: Path, config: PruneConfig,
                   progress: bool = True, comm=None) -> Path:
     """The complete prune run of ``store`` under ``config``, running it if needed.
@@ -107,17 +112,22 @@ def ensure_pruned(cache_dir: str | os.PathLike, store: Path, config: PruneConfig
 
     from .pruning.collective import Local
     from .pruning.pipeline import load_input, prune
-    from .rundir import write_run
+    from .rundir import claim_output, write_run
 
     comm = comm or Local()
     out = prune_dir(cache_dir, store, config)
     missing = np.array([not (out / "manifest.json").is_file()])
     if comm.broadcast(missing if comm.rank == 0 else None)[0]:  # one decision for all ranks
-        config = dataclasses.replace(config, input=str(store), output=str(out))
-        emb, metadata, input_id = load_input(config, comm)
-        result = prune(emb, config, metadata=metadata, progress=progress and comm.rank == 0,
-                       comm=comm)
-        if comm.rank == 0:
-            write_run(result, out, config.to_dict(), input_id)
+        # another job may be pruning the same run into the shared cache: wait for it, then
+        # take its run rather than prune it again
+        with claim_output(out, wait=LOCK_WAIT, comm=comm):
+            missing = np.array([not (out / "manifest.json").is_file()])
+            if comm.broadcast(missing if comm.rank == 0 else None)[0]:
+                config = dataclasses.replace(config, input=str(store), output=str(out))
+                emb, metadata, input_id = load_input(config, comm)
+                result = prune(emb, config, metadata=metadata,
+                               progress=progress and comm.rank == 0, comm=comm)
+                if comm.rank == 0:
+                    write_run(result, out, config.to_dict(), input_id)
     comm.barrier()
     return out

@@ -23,6 +23,7 @@ from typing import Optional
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from .config import EncoderConfig, PruneConfig
+from .lock import DirectoryBusy
 
 
 def _config_parser(cls, description: str, config_help: str = "YAML config") -> ArgumentParser:
@@ -147,7 +148,7 @@ def prune_config(parser: ArgumentParser, cfg) -> PruneConfig:
 def run_prune(config: PruneConfig) -> int:
     from .distributed import collective_from_environment
     from .pruning.pipeline import load_input, prune
-    from .rundir import write_run
+    from .rundir import claim_output, write_run
 
     config.validate()
     if not config.input:
@@ -156,23 +157,23 @@ def run_prune(config: PruneConfig) -> int:
     if comm.rank != 0:  # one rank tells the story
         logging.getLogger("dbp_lightning").setLevel(logging.WARNING)
     try:
-        emb, metadata, input_id = load_input(config, comm)
-        result = prune(emb, config, metadata=metadata, progress=comm.rank == 0, comm=comm)
+        # rank 0 writes: it holds the output from before the work, and every rank learns if it can't
+        with claim_output(config.output, comm=comm):
+            emb, metadata, input_id = load_input(config, comm)
+            result = prune(emb, config, metadata=metadata, progress=comm.rank == 0, comm=comm)
+            if comm.rank != 0:  # every rank holds the same result; one writes it
+                return 0
+            out = write_run(result, config.output, config.to_dict(), input_id,
+                            shards=_source_shards(config.input))
     finally:
         comm.close()
-    if comm.rank != 0:  # every rank holds the same result; one writes it
-        return 0
-    out = write_run(result, config.output, config.to_dict(), input_id)
     print(f"{'stage':<12}{'in':>12}{'out':>12}{'seconds':>10}")
     for st in result.report["stages"]:
         print(f"{st['stage']:<12}{st['in']:>12,}{st['out']:>12,}{st['seconds']:>10.2f}")
     processes = f" ({comm.world_size} processes)" if comm.world_size > 1 else ""
     print(f"kept {result.report['kept']:,} of {result.report['pool']:,}{processes} -> {out}")
-    shards = _source_shards(config.input)
-    if shards:  # an embedded pool: the curator's report can show the pictures
-        from .report import write_report
-
-        print(f"report -> {write_report(out, shards)}")
+    if (out / "report.html").is_file():
+        print(f"report -> {out / 'report.html'}")
     return 0
 
 
@@ -335,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_synthetic(cfg.data.synthetic)
         if cfg.command == "data" and cfg.data.kind == "demo":
             return run_demo_data(parser.instantiate(cfg).data.demo)
+    except DirectoryBusy as exc:  # another live process writes the same output
+        print(f"dbp-lightning {cfg.command}: error: {exc}", file=sys.stderr)
+        return 1
     except ValueError as exc:  # bad input: one clear line, no traceback
         print(f"dbp-lightning {cfg.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -200,6 +200,7 @@ class Experiment:
         from .cache import digest
         from .evaluation.features import evaluate_features
         from .projection import ProjectionCLIP
+        from .pruning.pipeline import id_column
 
         out = Path(self.cfg.out) / "runs" / subset.name / f"seed{seed}"
         prune_dir = self.prune_dir(subset, seed)
@@ -209,8 +210,9 @@ class Experiment:
         finished = json.loads(done.read_text()) if done.is_file() else {}
         if finished.get("settings") == settings:
             return finished
-        selection = pq.read_table(prune_dir / "selection.parquet", columns=["key", "kept"])
-        kept = selection.column("key").to_numpy(zero_copy_only=False)[
+        idcol = id_column(pq.read_schema(prune_dir / "selection.parquet").names)
+        selection = pq.read_table(prune_dir / "selection.parquet", columns=[idcol, "kept"])
+        kept = selection.column(idcol).to_numpy(zero_copy_only=False)[
             selection.column("kept").to_numpy(zero_copy_only=False)]
         pairs = np.isin(self.keys, kept)
         image, text = self.image[pairs], self.text[pairs]

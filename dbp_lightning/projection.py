@@ -34,12 +34,11 @@ def paired_features(image_store: str | Path, text_store: str | Path
         image_store, text_store: embedding stores of the same shards (different encoders).
 
     Returns:
-        keys str (P,) in the image store's order, image float32 (P, d_image), text float32
+        identities str (P,) (uid, else key) in the image store's order, image float32 (P, d_image), text float32
         (P, d_text). A sample one encoder skipped (no image, no caption) is in neither.
     """
     img, txt = EmbeddingStore(image_store), EmbeddingStore(text_store)
-    img_keys = img.metadata(["key"]).column("key").to_numpy(zero_copy_only=False)
-    txt_keys = txt.metadata(["key"]).column("key").to_numpy(zero_copy_only=False)
+    img_keys, txt_keys = _ids(img), _ids(txt)
     txt_row = {k: i for i, k in enumerate(txt_keys)}
     rows = [(i, txt_row[k]) for i, k in enumerate(img_keys) if k in txt_row]
     if not rows:
@@ -47,6 +46,13 @@ def paired_features(image_store: str | Path, text_store: str | Path
     i_rows, t_rows = (np.asarray(r, np.int64) for r in zip(*rows))
     return (img_keys[i_rows], np.asarray(img.embeddings[i_rows], np.float32),
             np.asarray(txt.embeddings[t_rows], np.float32))
+
+
+def _ids(store: EmbeddingStore) -> np.ndarray:
+    from .pruning.pipeline import id_column
+
+    name = id_column(store.metadata_columns())
+    return store.metadata([name]).column(name).to_numpy(zero_copy_only=False)
 
 
 class ProjectionCLIP(L.LightningModule):

@@ -23,19 +23,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path
-from .data.shards import decode_caption, decode_image, expand_shards, iter_shard
+from .data.shards import decode_caption, decode_image, expand_shards, iter_shard, sample_id
+from .pruning.pipeline import id_column
 
 THUMB = 64  #: thumbnail side in pixels (the demo pool's images are 64 px)
 
 
 def write_report(run_dir: str | os.PathLike, shards, out: str | os.PathLike | None = None,
                  clusters_shown: int = 8, per_strip: int = 8, pairs_shown: int = 50,
-                 seed: int = 0) -> Path:
+                 seed: int = 0, shown_as: str | os.PathLike | None = None) -> Path:
     """Write the HTML report of a prune run (and ``dedup_pairs.csv`` beside it), atomically.
 
     Reads ``run_dir``'s report.json, selection.parquet, manifest.json and, when present,
     clusters.parquet and plots/*.png; reads the images and captions of the shown samples from
-    ``shards`` (matched by the tar's ``__key__`` to the selection's ``key``) in one pass.
+    ``shards`` (matched by identity: the selection's ``uid``, else ``key``) in one pass.
 
     Args:
         run_dir: a prune run directory.
@@ -46,6 +47,8 @@ def write_report(run_dir: str | os.PathLike, shards, out: str | os.PathLike | No
             this many removed members shown per SemDeDup group.
         pairs_shown: at most this many removed-and-partner pairs shown (and written to the CSV).
         seed: seeds the choice of clusters and of SemDeDup groups.
+        shown_as: the run's path as the page names it (default ``run_dir``; a run being
+            written is in a staging directory that is renamed when it is complete).
 
     Returns:
         The HTML path. The CSV (pair, group, removed key, partner key, similarity, both
@@ -53,6 +56,7 @@ def write_report(run_dir: str | os.PathLike, shards, out: str | os.PathLike | No
     """
     run = Path(run_dir)
     out = Path(out) if out is not None else run / "report.html"
+    shown_as = Path(shown_as) if shown_as is not None else run
     report = json.loads((run / "report.json").read_text())
     manifest_path = run / "manifest.json"
     config = json.loads(manifest_path.read_text())["config"] if manifest_path.is_file() else None
@@ -60,6 +64,7 @@ def write_report(run_dir: str | os.PathLike, shards, out: str | os.PathLike | No
     # Python strings for a page that shows a few hundred of them
     names = pq.read_schema(run / "selection.parquet").names
     sel = pq.read_table(run / "selection.parquet", columns=[c for c in _COLUMNS if c in names])
+    idcol = id_column(names)
     kept = sel.column("kept").to_numpy(zero_copy_only=False)
     clusters_path = run / "clusters.parquet"
     clusters = pq.read_table(clusters_path) if clusters_path.is_file() else None
@@ -77,15 +82,18 @@ def write_report(run_dir: str | os.PathLike, shards, out: str | os.PathLike | No
         dedup_kept = sel.column("dedup_kept").to_numpy(zero_copy_only=False)
         removed = ~dedup_kept & pc.is_valid(dup_of).to_numpy(zero_copy_only=False)
         rows, group = dedup_pairs(removed, dup_of, dup_sim, pairs_shown, per_strip, seed)
-        partner = partner_rows(sel.column("key"), dup_of.take(rows).to_numpy(zero_copy_only=False))
+        partner = partner_rows(sel.column(idcol), dup_of.take(rows).to_numpy(zero_copy_only=False))
         pairs = (rows, partner, group, dup_sim, dedup_kept)
         shown_rows += [rows, partner]
 
     needed = np.unique(np.concatenate(shown_rows))
-    keys = dict(zip(needed.tolist(), sel.column("key").take(needed).to_pylist()))  # row -> key
-    samples = read_samples(shards, set(keys.values()))
+    # row -> (key, identity): a card shows the tar's key and is found by the identity, which
+    # is unique where keys repeat across shards
+    keys = dict(zip(needed.tolist(), zip(sel.column("key").take(needed).to_pylist(),
+                                         sel.column(idcol).take(needed).to_pylist())))
+    samples = read_samples(shards, {ident for _, ident in keys.values()})
 
-    body = [_header(run, report, config, len(keys), len(samples)), _funnel(report),
+    body = [_header(shown_as, report, config, len(keys), len(samples)), _funnel(report),
             _plot(run / "plots" / "complexity_scatter.png", "Fig. 2: cluster complexity",
                   "d_intra against d_inter per selector cluster, coloured by the fraction kept."),
             _plot(run / "plots" / "quotas.png", "Fig. 7: quotas",
@@ -93,7 +101,7 @@ def write_report(run_dir: str | os.PathLike, shards, out: str | os.PathLike | No
             _clusters(strips, clusters, keys, kept, samples, per_strip),
             _dedup(pairs, keys, samples)]
     with atomic_path(out) as tmp:
-        tmp.write_text(_PAGE.format(title=escape(f"prune report: {run.name}"), body="\n".join(body)),
+        tmp.write_text(_PAGE.format(title=escape(f"prune report: {shown_as.name}"), body="\n".join(body)),
                        encoding="utf-8")
     if pairs is not None:
         _write_pairs_csv(out.with_name("dedup_pairs.csv"), pairs, keys, samples)
@@ -103,7 +111,7 @@ def write_report(run_dir: str | os.PathLike, shards, out: str | os.PathLike | No
 
 
 #: the selection columns the report reads
-_COLUMNS = ("key", "kept", "cluster", "sim_to_centroid", "dup_of", "dup_sim", "dedup_kept")
+_COLUMNS = ("key", "uid", "kept", "cluster", "sim_to_centroid", "dup_of", "dup_sim", "dedup_kept")
 
 
 def sample_clusters(cluster: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -161,25 +169,27 @@ def dedup_pairs(removed: np.ndarray, dup_of: pa.ChunkedArray, dup_sim: np.ndarra
 
 
 def partner_rows(key: pa.ChunkedArray, partner_keys: np.ndarray) -> np.ndarray:
-    """int64 row in the selection's ``key`` column of each of ``partner_keys`` (all present)."""
+    """int64 row in the selection's identity column ``key`` of each of ``partner_keys`` (all
+    present)."""
     wanted = np.unique(partner_keys.astype(str))
     idx = pc.index_in(key, value_set=pa.array(wanted))
     hits = np.flatnonzero(idx.is_valid().to_numpy(zero_copy_only=False))
     row_of = np.full(len(wanted), -1, np.int64)
     row_of[pc.take(idx, hits).to_numpy()] = hits
     if (row_of < 0).any():
-        raise ValueError(f"selection: dup_of key {wanted[np.argmax(row_of < 0)]!r} is not a key")
+        raise ValueError(f"selection: dup_of {wanted[np.argmax(row_of < 0)]!r} is no sample's identity")
     return row_of[np.searchsorted(wanted, partner_keys.astype(str))]
 
 
 def read_samples(shards, keys: set[str]) -> dict[str, tuple[str | None, str | None]]:
-    """``{key: (thumbnail data URI or None, caption or None)}`` for the samples of ``keys``
-    found in ``shards`` (one pass, stopping once all are found); absent keys are left out."""
+    """``{identity: (thumbnail data URI or None, caption or None)}`` for the samples whose
+    identity (:func:`~dbp_lightning.data.shards.sample_id`: uid, else key) is in ``keys``, found
+    in ``shards`` (one pass, stopping once all are found); absent ones are left out."""
     found: dict[str, tuple[str | None, str | None]] = {}
     errors: Counter = Counter()
     for path in expand_shards(shards) if keys else []:
         for sample in iter_shard(path, errors):
-            key = sample["__key__"]
+            key = sample_id(sample)
             if key in keys and key not in found:
                 found[key] = (_thumbnail(decode_image(sample)), decode_caption(sample))
                 if len(found) == len(keys):
@@ -196,12 +206,14 @@ def _thumbnail(image) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _card(key: str, samples: dict, kept: bool, note: str, **data) -> str:
-    """One sample as a thumbnail card: green when ``kept``, ``note`` under the caption."""
-    uri, caption = samples.get(key, (None, None))
+def _card(label: tuple[str, str], samples: dict, kept: bool, note: str, **data) -> str:
+    """One sample, ``label`` = (key, identity), as a thumbnail card: green when ``kept``,
+    ``note`` under the caption."""
+    key, ident = label
+    uri, caption = samples.get(ident, (None, None))
     img = (f'<img src="{uri}" width="{THUMB}" height="{THUMB}" alt="">' if uri else
            '<div class="noimg">no image</div>')
-    attrs = "".join(f' data-{k}="{escape(str(v))}"' for k, v in {"key": key, **data}.items())
+    attrs = "".join(f' data-{k}="{escape(str(v))}"' for k, v in {"key": key, "id": ident, **data}.items())
     text = escape(caption) if caption else "<i>no caption</i>"
     return (f'<figure class="card{" kept" if kept else ""}"{attrs} title="{escape(caption or key)}">'
             f'{img}<figcaption>{text}</figcaption><span class="tag">{note}</span></figure>')
@@ -276,10 +288,10 @@ def _dedup(pairs, keys, samples) -> str:
         p = partner[idx[0]]
         members = "".join(_card(keys[rows[i]], samples, False,
                                 f"<b>#{i + 1}</b> sim {dup_sim[rows[i]]:.4f}", pair=i + 1,
-                                partner=keys[partner[i]]) for i in idx)
+                                partner=keys[partner[i]][1]) for i in idx)
         lead = _card(keys[p], samples, dedup_kept[p],
                      "partner, " + ("kept" if dedup_kept[p] else "removed"))
-        parts.append(f'<div class="group" data-partner="{escape(keys[p])}">{lead}'
+        parts.append(f'<div class="group" data-partner="{escape(keys[p][1])}">{lead}'
                      f'<div class="arrow">&#8592;</div>{members}</div>')
     return head + parts[0] + f'<div class="groups">{"".join(parts[1:])}</div>'
 
@@ -288,11 +300,12 @@ def _write_pairs_csv(path: Path, pairs, keys, samples) -> None:
     rows, partner, group, dup_sim, _ = pairs
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["pair", "group", "removed_key", "partner_key", "similarity",
-                    "removed_caption", "partner_caption"])
+        w.writerow(["pair", "group", "removed_key", "partner_key", "removed_id", "partner_id",
+                    "similarity", "removed_caption", "partner_caption"])
         for i, (r, p) in enumerate(zip(rows, partner)):
-            w.writerow([i + 1, int(group[i]) + 1, keys[r], keys[p], f"{dup_sim[r]:.6f}",
-                        samples.get(keys[r], (None, ""))[1] or "", samples.get(keys[p], (None, ""))[1] or ""])
+            w.writerow([i + 1, int(group[i]) + 1, keys[r][0], keys[p][0], keys[r][1], keys[p][1],
+                        f"{dup_sim[r]:.6f}", samples.get(keys[r][1], (None, ""))[1] or "",
+                        samples.get(keys[p][1], (None, ""))[1] or ""])
 
 
 _PAGE = """<!DOCTYPE html>

@@ -1,7 +1,18 @@
-"""Write a prune run directory (layout in the README); every file atomically, manifest last."""
+"""Write a prune run directory (layout in the README).
+
+A run is written whole into a staging directory beside the output, then swapped in by one
+rename (:func:`~dbp_lightning.atomic.atomic_dir`): a rerun into a complete run leaves it intact
+until the new one is complete, and a kill or a full disk at any moment leaves one of the two.
+The caller holds the output's :func:`~dbp_lightning.lock.directory_lock` from before the work
+starts (:func:`claim_output`), so two writers never mix.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fnmatch
+import logging
 import os
 import platform
 from importlib import metadata as importlib_metadata
@@ -10,13 +21,63 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, plots
-from .atomic import write_json, write_npy, write_parquet
+from .atomic import atomic_dir, recover_dir, write_json, write_npy, write_parquet
+from .lock import DirectoryBusy, directory_lock
 from .pruning.pipeline import PruneResult
 
+log = logging.getLogger(__name__)
 
-#: what a run writes besides manifest.json; cleared first so no file of an older run survives
-ARTIFACTS = ("selection.parquet", "clusters.parquet", "subset.npy", "report.json",
-             "plots/complexity_scatter.png", "plots/quotas.png", "report.html", "dedup_pairs.csv")
+#: what a run directory may hold (the files of a run; reshards made from it by DBPDataModule):
+#: a rerun replaces a directory holding only these, and refuses one holding anything else
+RUN_ENTRIES = ("manifest.json", "selection.parquet", "clusters.parquet", "subset.npy",
+               "report.json", "report.html", "dedup_pairs.csv", "plots", "shards-*", ".*")
+
+
+def check_output(out: str | os.PathLike) -> None:
+    """Refuse, before any work, an output that a run may not replace: a file, or a directory
+    holding something that is not part of a prune run (a run swaps the whole directory)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output: {out} is a file, not a run directory")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if not any(fnmatch.fnmatch(p.name, pat) for pat in RUN_ENTRIES)) if out.is_dir() else []
+    if foreign:
+        raise ValueError(f"output: {out} holds {len(foreign)} entries that are not part of a prune "
+                         f"run ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); a "
+                         "run replaces its whole directory, so give an empty or new one")
+
+
+@contextlib.contextmanager
+def claim_output(out: str | os.PathLike, wait: float = 0.0, comm=None):
+    """Hold ``out``'s lock for the block, after checking that a run may replace it and undoing
+    what a killed writer left beside it.
+
+    Args:
+        wait: seconds to wait for another live writer (0: refuse at once).
+        comm: a :mod:`~dbp_lightning.pruning.collective` collective: rank 0 (the writer) takes
+            the lock, and every rank raises if it could not, so that none waits for the others.
+
+    Raises:
+        DirectoryBusy: another live process holds the lock (on rank 0: naming it).
+        ValueError: ``out`` is not a directory a run may replace (:func:`check_output`).
+    """
+    rank = comm.rank if comm is not None else 0
+    with contextlib.ExitStack() as stack:
+        failed = None
+        if rank == 0:
+            try:
+                check_output(out)
+                stack.enter_context(directory_lock(out, wait=wait))
+                recover_dir(out)
+            except (DirectoryBusy, ValueError) as exc:
+                failed = exc
+        if comm is not None and comm.world_size > 1:
+            code = comm.broadcast(np.array([failed is not None]) if rank == 0 else None)
+            if code[0] and failed is None:
+                raise DirectoryBusy(f"rank 0 could not take the output {out}; see its error")
+        if failed is not None:
+            raise failed
+        yield Path(out)
 
 
 def datacomp_subset(uids) -> np.ndarray | None:
@@ -44,12 +105,29 @@ def versions() -> dict:
 
 
 def write_run(result: PruneResult, out_dir: str | os.PathLike, config: dict,
-              input_id: str) -> Path:
-    """Write selection.parquet, clusters.parquet, subset.npy, plots, report.json, manifest.json.
+              input_id: str, shards=None) -> Path:
+    """Write selection.parquet, clusters.parquet, subset.npy, plots, report.json, manifest.json
+    and, given the pool's ``shards``, report.html, then swap them in as ``out_dir`` whole.
 
-    ``manifest.json`` is written last: a run directory with a manifest is complete.
+    Hold ``out_dir``'s lock (:func:`claim_output`) from before the work that made ``result``.
+    A run directory with a manifest is complete.
     """
-    out = Path(out_dir)
+    final = Path(out_dir)
+    with atomic_dir(final) as out:
+        _write_files(result, out, config, input_id)
+        if shards:  # an embedded pool: the curator's report can show the pictures
+            from .report import write_report
+
+            try:
+                write_report(out, shards, shown_as=final)
+            except (OSError, ValueError) as exc:  # the pictures are a view: never lose the run
+                if getattr(exc, "errno", None) == errno.ENOSPC:
+                    raise
+                log.warning("%s: no report.html (%s)", final, exc)
+    return final
+
+
+def _write_files(result: PruneResult, out: Path, config: dict, input_id: str) -> None:
     report = dict(result.report)
     subset = None
     if "uid" in result.selection.column_names:
@@ -57,11 +135,6 @@ def write_run(result: PruneResult, out_dir: str | os.PathLike, config: dict,
                                  .column("uid").to_pylist())
     if subset is None:
         report["subset_npy"] = "not written: the uids are not DataComp's 32 hex digits"
-    (out / "manifest.json").unlink(missing_ok=True)  # the old run is no longer complete
-    for name in ARTIFACTS:
-        (out / name).unlink(missing_ok=True)
-    for tmp in [*out.glob(".*.tmp"), *out.glob("plots/.*.tmp")]:  # left by a killed run
-        tmp.unlink(missing_ok=True)
     write_parquet(out / "selection.parquet", result.selection)
     files = ["selection.parquet"]
     if subset is not None:
@@ -79,4 +152,3 @@ def write_run(result: PruneResult, out_dir: str | os.PathLike, config: dict,
     write_json(out / "report.json", report)
     write_json(out / "manifest.json", {"config": config, "input": input_id,
                                        "versions": versions(), "files": files + ["report.json"]})
-    return out

@@ -163,6 +163,11 @@ class EmbeddingStore:
             tables.append(table)
         return pa.concat_tables(tables)
 
+    def metadata_columns(self) -> list[str]:
+        """The names of the per-sample table's columns (read from one shard's schema)."""
+        first = self.manifest["shards"][0]["name"]
+        return pq.read_schema(self.path / f"{first}.parquet").names
+
     def fingerprint(self) -> str:
         """See :func:`fingerprint`."""
         return fingerprint(self.path)

@@ -60,9 +60,9 @@ def test_killed_prune_reruns_to_the_same_outputs(tmp_path, pool):
     assert not list(killed.rglob("*.tmp"))
 
 
-def test_full_disk_stops_with_one_line_and_no_partial_run(tmp_path, pool, monkeypatch, capsys):
-    """ENOSPC while writing the run directory: a one-line error, no manifest, no temp files,
-    and no artifact of the old run left to be mistaken for the new one."""
+def test_full_disk_stops_with_one_line_and_keeps_the_old_run(tmp_path, pool, monkeypatch, capsys):
+    """ENOSPC while a rerun writes: a one-line error naming the file, and the complete run that
+    was there is left exactly as it was (the new one is written beside it and never swapped in)."""
     import errno
 
     import pyarrow.parquet as pq
@@ -73,6 +73,7 @@ def test_full_disk_stops_with_one_line_and_no_partial_run(tmp_path, pool, monkey
     argv = ["prune", "--input", str(pool), "--output", str(out), "--stages", "[semdedup, dbp]",
             "--semdedup.k", "200", "--select.k", "60", "--select.target_fraction", "0.5"]
     assert main(argv) == 0  # an older complete run is there
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     real = pq.write_table
 
     def full_disk(table, where, *args, **kwargs):
@@ -82,12 +83,13 @@ def test_full_disk_stops_with_one_line_and_no_partial_run(tmp_path, pool, monkey
 
     monkeypatch.setattr(pq, "write_table", full_disk)
     capsys.readouterr()
-    assert main(argv) == 1
+    assert main([*argv[:-1], "0.3"]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # not the bars
     assert len(errors) == 1 and "No space left on device" in errors[0]
     assert f"disk full while writing {out / 'clusters.parquet'} (No space" in errors[0]
-    assert not (out / "manifest.json").exists()  # the run does not claim to be complete
-    assert not (out / "clusters.parquet").exists() and not list(out.rglob("*.tmp"))
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # the old run, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging, no lock left
 
 
 def _enospc_on(monkeypatch, module, name, when):

@@ -4,6 +4,7 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -229,3 +230,24 @@ def test_prune_on_an_array_needs_no_input_and_the_command_does(rng, capsys):
     assert main(["prune", "--stages", "[random]", "--select.target_size", "50",
                  "--select.target_fraction", "null"]) == 2
     assert "input: give an embedding store directory or a .npy file" in capsys.readouterr().err
+
+
+def test_identity_is_the_uid_when_keys_repeat_across_shards(rng):
+    """WebDataset keys restart in every shard; uids do not. Prune checks the uid for
+    uniqueness, points dup_of at uids, and refuses a repeated uid naming it."""
+    x = unit_rows(rng, 60, 8)
+    x[30:] = x[:30]  # every row of the second half duplicates one of the first
+    keys = [f"{i % 30:06d}" for i in range(60)]  # two shards, the same keys in each
+    uids = [f"{i:032x}" for i in range(60)]
+    config = PruneConfig(input="memory", stages=["semdedup"],
+                         semdedup=SemDeDupConfig(k=2, eps=0.001, target_fraction=None))
+    sel = prune(x, config, metadata=pa.table({"key": keys, "uid": uids})).selection
+    removed = sel.filter(pc.invert(sel.column("dedup_kept")))
+    assert removed.num_rows == 30
+    partners = removed.column("dup_of").to_pylist()
+    assert set(partners) <= set(uids) and not set(partners) & set(removed.column("uid").to_pylist())
+    for uid, partner in zip(removed.column("uid").to_pylist(), partners):
+        assert abs(int(uid, 16) - int(partner, 16)) == 30  # the same row of the other shard
+    with pytest.raises(ValueError, match=f"uid '{uids[0]}' occurs 2 times; the uid column"):
+        prune(x, config, metadata=pa.table({"key": [str(i) for i in range(60)],
+                                             "uid": [uids[0], *uids[:59]]}))

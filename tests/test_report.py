@@ -117,15 +117,15 @@ def test_removed_pairs_are_real_and_match_the_csv(run):
     # each group shows its partner first, then its removed samples, and groups are not split
     for n, where in enumerate(page.groups):
         cards = [c for c in page.cards if c["in"] == where]
-        assert cards[0]["data-key"] == where[1] and "data-pair" not in cards[0]
+        assert cards[0]["data-id"] == where[1] and "data-pair" not in cards[0]
         group_size = (removed["dup_of"] == where[1]).sum()
         if n < len(page.groups) - 1:  # only the last group is cut short by DUP_PAIRS
             assert len(cards) - 1 == min(PER_STRIP, group_size)
     assert len({g for g in page.groups}) == len(page.groups)
     with open(run_dir / "dedup_pairs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(int(r["pair"]), r["removed_key"], r["partner_key"]) for r in rows] == [
-        (int(c["data-pair"]), c["data-key"], c["data-partner"]) for c in pairs]
+    assert [(int(r["pair"]), r["removed_key"], r["removed_id"], r["partner_id"]) for r in rows] == [
+        (int(c["data-pair"]), c["data-key"], c["data-id"], c["data-partner"]) for c in pairs]
     for r in rows:
         assert float(r["similarity"]) == pytest.approx(sel.loc[r["removed_key"], "dup_sim"], abs=1e-6)
         i, j = int(r["removed_key"]), int(r["partner_key"])

@@ -32,6 +32,13 @@ from .semdedup import duplicate_similarity, threshold_for_fraction
 log = logging.getLogger(__name__)
 
 
+def id_column(column_names) -> str:
+    """The column that identifies a sample, the one identity rule of the project: ``uid`` when
+    the table has one (DataComp's, or the json's that ``embed`` stores), else ``key``. Keys of
+    WebDataset shards repeat across shards; uids must not."""
+    return "uid" if "uid" in column_names else "key"
+
+
 @dataclass
 class PruneResult:
     """What :func:`prune` computed.
@@ -94,13 +101,14 @@ def _check_against_data(config: PruneConfig, n: int, metadata: pa.Table) -> None
     for name in ("key", "uid"):
         if name in metadata.column_names and metadata.column(name).null_count:
             raise ValueError(f"metadata: {metadata.column(name).null_count} rows have no {name}")
-    keys = metadata.column("key")
-    if pc.count_distinct(keys).as_py() != len(keys):  # Arrow's hash table: no Python strings
-        counts = pc.value_counts(keys)
+    name = id_column(metadata.column_names)
+    ids = metadata.column(name)
+    if pc.count_distinct(ids).as_py() != len(ids):  # Arrow's hash table: no Python strings
+        counts = pc.value_counts(ids)
         top = pc.index(counts.field("counts"), pc.max(counts.field("counts")))
         dup = counts[top.as_py()]
-        raise ValueError(f"metadata: key {dup['values'].as_py()!r} occurs {dup['counts'].as_py()} times; "
-                         "keys must be unique")
+        raise ValueError(f"metadata: {name} {dup['values'].as_py()!r} occurs {dup['counts'].as_py()} "
+                         f"times; the {name} column identifies a sample and must be unique")
     if "semdedup" in config.stages and config.semdedup.k > n:
         raise ValueError(f"semdedup.k={config.semdedup.k} exceeds the pool of {n} samples")
     if "clip_score" in config.stages and config.clip_score.column not in metadata.column_names:
@@ -136,8 +144,8 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
         x: (N, d) embeddings: array, memmap, :class:`Embeddings`, or an
             :class:`~dbp_lightning.store.EmbeddingStore`.
         config: what to run; validated first.
-        metadata: N-row table with a unique ``key`` column (and ``uid``, score columns);
-            default: keys "0".."N-1" (a store brings its own).
+        metadata: N-row table with a ``key`` column (and ``uid``, score columns); the
+            :func:`id_column` must be unique. Default: keys "0".."N-1" (a store brings its own).
         progress: progress bars.
         comm: a :mod:`~dbp_lightning.pruning.collective` collective when this process is one
             of several (every rank calls ``prune`` with the same arguments); default one process.
@@ -184,9 +192,10 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
         threshold = 1.0 - d.eps if d.eps is not None else threshold_for_fraction(dup_sim, d.target_fraction)
         cols["dedup_cluster"] = parts[0].assignment.astype(np.int32)
         cols["dup_sim"] = dup_sim
-        # the key, not the row, so the column still means something in a filtered selection
-        cols["dup_of"] = pc.if_else(pa.array(partner < 0), pa.scalar(None, cols["key"].type),
-                                    cols["key"].take(np.maximum(partner, 0)))
+        # the identity, not the row, so the column still means something in a filtered selection
+        ids = cols[id_column(cols)]
+        cols["dup_of"] = pc.if_else(pa.array(partner < 0), pa.scalar(None, ids.type),
+                                    ids.take(np.maximum(partner, 0)))
         cols["dedup_kept"] = dup_sim <= threshold
         alive &= cols["dedup_kept"]
         record("semdedup", t0, n, eps=round(1.0 - threshold, 6), k=d.k,
