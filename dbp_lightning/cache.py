@@ -83,21 +83,25 @@ def check_store(store: str | os.PathLike, shards: list[str], encoder: EncoderCon
         raise ValueError(f"store: {store} was embedded by {made_by}, not by the encoder {wanted_by}")
 
 
+#: seconds a job waits for another that fills the same cache entry (under the collectives'
+#: two-hour timeout, which the other ranks wait on meanwhile)
+LOCK_WAIT = 3600.0
+
+
 def ensure_store(cache_dir: str | os.PathLike, shards: list[str], encoder: EncoderConfig,
                  dtype: str = "float16", batch_size: int = 256, num_workers: int = 2) -> Path:
     """The complete store of ``shards`` under ``encoder``, embedding (or resuming) it if needed."""
     from .embed import embed_shards
+    from .lock import directory_lock
 
     out = store_dir(cache_dir, shards, encoder, dtype)
     if not (out / "manifest.json").is_file():
-        embed_shards(shards, str(out), encoder, batch_size, num_workers, dtype,
-                     trainer_kwargs={"devices": 1})
+        # another job may be embedding the same store into the shared cache: wait, then reuse
+        with directory_lock(out, wait=LOCK_WAIT):
+            if not (out / "manifest.json").is_file():
+                embed_shards(shards, str(out), encoder, batch_size, num_workers, dtype,
+                             trainer_kwargs={"devices": 1})
     return out
-
-
-#: seconds a job waits for another that fills the same cache entry (under the collectives'
-#: two-hour timeout, which the other ranks wait on meanwhile)
-LOCK_WAIT = 3600.0
 
 
 def ensure_pruned(cache_dir: str | os.PathLike, store: Path, config: PruneConfig,

@@ -23,7 +23,7 @@ from typing import Optional
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from .config import EncoderConfig, PruneConfig
-from .lock import DirectoryBusy
+from .lock import DirectoryBusy, directory_lock
 
 
 def _config_parser(cls, description: str, config_help: str = "YAML config") -> ArgumentParser:
@@ -242,10 +242,11 @@ def run_compare_command(args) -> int:
     from .compare import CompareConfig, collect, run_compare, write_outputs
 
     config = _dataclass(CompareConfig, args).validate()
-    if not args.collect:
-        run_compare(config, only=args.only)
-    results, summary = collect(config)
-    table = write_outputs(config, results, summary)
+    with directory_lock(config.out):  # one compare per results directory
+        if not args.collect:
+            run_compare(config, only=args.only)
+        results, summary = collect(config)
+        table = write_outputs(config, results, summary)
     print(table.read_text(), end="")
     expected = len(config.subsets) * len(config.seeds)
     print(f"{len(results)}/{expected} runs finished -> {table}")
@@ -323,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.command == "demo":
             from .demo import DemoConfig, run_demo
 
-            done = run_demo(_dataclass(DemoConfig, parser.instantiate(cfg).demo))
+            demo = _dataclass(DemoConfig, parser.instantiate(cfg).demo)
+            with directory_lock(demo.out):
+                done = run_demo(demo)
             _print_demo_data(done["data"], str(Path(done["config"]["out"]) / "data"))
             print(Path(done["table"]).read_text(), end="")
             print(f"table -> {done['table']}\nreport -> {done['report']}")

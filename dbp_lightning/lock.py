@@ -18,11 +18,16 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
 
 log = logging.getLogger(__name__)
+
+#: lock files this thread holds: taking one again (a command that locks its output, then a
+#: library call inside it that locks the same directory) is a no-op, not a deadlock
+_held = threading.local()
 
 
 class DirectoryBusy(RuntimeError):
@@ -68,6 +73,10 @@ def directory_lock(directory: str | os.PathLike, wait: float = 0.0) -> Iterator[
         DirectoryBusy: one line naming the directory and its holder (host, pid, command).
     """
     path = lock_path(directory)
+    held = _held.__dict__.setdefault("paths", set())
+    if path in held:
+        yield path
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     deadline, waiting = time.monotonic() + wait, False
     while True:
@@ -108,8 +117,10 @@ def directory_lock(directory: str | os.PathLike, wait: float = 0.0) -> Iterator[
         data = json.dumps(mine).encode()
         os.pwrite(fd, data, 0)  # over the old name, then cut: never an empty file once named
         os.ftruncate(fd, len(data))
+        held.add(path)
         yield path
     finally:
+        held.discard(path)
         # remove the name while still holding the lock: whoever opened it meanwhile sees
         # (above) that the name is gone and starts again
         with contextlib.suppress(FileNotFoundError):

@@ -124,12 +124,25 @@ def test_a_directory_that_is_not_a_run_is_never_replaced(tmp_path, runs, capsys)
 
 def test_the_lock_names_its_holder_waits_when_asked_and_is_taken_over_when_stale(tmp_path, caplog):
     target = tmp_path / "out"
+    refusals = []
+
+    def second_writer():
+        try:
+            with directory_lock(target):
+                pass
+        except DirectoryBusy as exc:
+            refusals.append(str(exc))
+
     with directory_lock(target) as path:
         holder = json.loads(path.read_text())
         assert holder["pid"] == os.getpid()
-        with pytest.raises(DirectoryBusy, match=f"{target} is being written by pid {os.getpid()} on"):
-            with directory_lock(target):
-                pass
+        with directory_lock(target):  # the holder itself, deeper in its call stack: no deadlock
+            pass
+        assert lock_path(target).exists()  # still held
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        thread.join()
+    assert len(refusals) == 1 and f"{target} is being written by pid {os.getpid()} on" in refusals[0]
     assert not lock_path(target).exists()  # released: removed
 
     # a holder that lets go while another waits: the waiter gets it
@@ -186,3 +199,24 @@ def test_a_swap_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     assert not target.exists()  # the instant the exchange would have closed
     recover_dir(target)
     assert sorted(p.name for p in target.iterdir()) == ["b"] and _leftovers(tmp_path) == []
+
+
+def test_a_command_refuses_an_output_another_process_holds(tmp_path, capsys):
+    """demo and compare lock their results directory for the whole run: a second one started
+    meanwhile stops at once, naming the holder, before writing anything."""
+    from dbp_lightning.cli import main
+
+    out = tmp_path / "demo"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom dbp_lightning.lock import directory_lock\n"
+         f"with directory_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["demo", "--out", str(out), "--max_per_source", "10"]) == 1
+        err = capsys.readouterr().err
+        assert f"{out} is being written by pid {holder.pid} on" in err and "-c" in err
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
