@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +126,34 @@ def directory_lock(directory: str | os.PathLike, wait: float = 0.0) -> Iterator[
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         os.close(fd)
+
+
+@contextlib.contextmanager
+def rank_zero_lock(directory: str | os.PathLike, wait: float = 0.0, comm=None,
+                   prepare: Callable[[], None] | None = None) -> Iterator[None]:
+    """:func:`directory_lock` for a group of processes of which rank 0 writes.
+
+    Rank 0 takes the lock and runs ``prepare`` under it (checks, cleaning up after a dead
+    writer); then every rank of ``comm`` (a :mod:`~dbp_lightning.pruning.collective`
+    collective) learns whether that worked and raises if it did not, so that no rank waits
+    for another in a collective that will never come.
+    """
+    import numpy as np
+
+    rank = comm.rank if comm is not None else 0
+    with contextlib.ExitStack() as stack:
+        failed = None
+        if rank == 0:
+            try:
+                stack.enter_context(directory_lock(directory, wait=wait))
+                if prepare is not None:
+                    prepare()
+            except (DirectoryBusy, ValueError) as exc:
+                failed = exc
+        if comm is not None and comm.world_size > 1:
+            code = comm.broadcast(np.array([failed is not None]) if rank == 0 else None)
+            if code[0] and failed is None:
+                raise DirectoryBusy(f"rank 0 could not take {directory}; see its error")
+        if failed is not None:
+            raise failed
+        yield

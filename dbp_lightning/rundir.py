@@ -22,7 +22,7 @@ import numpy as np
 
 from . import __version__, plots
 from .atomic import atomic_dir, recover_dir, write_json, write_npy, write_parquet
-from .lock import DirectoryBusy, directory_lock
+from .lock import rank_zero_lock
 from .pruning.pipeline import PruneResult
 
 log = logging.getLogger(__name__)
@@ -61,22 +61,11 @@ def claim_output(out: str | os.PathLike, wait: float = 0.0, comm=None):
         DirectoryBusy: another live process holds the lock (on rank 0: naming it).
         ValueError: ``out`` is not a directory a run may replace (:func:`check_output`).
     """
-    rank = comm.rank if comm is not None else 0
-    with contextlib.ExitStack() as stack:
-        failed = None
-        if rank == 0:
-            try:
-                check_output(out)
-                stack.enter_context(directory_lock(out, wait=wait))
-                recover_dir(out)
-            except (DirectoryBusy, ValueError) as exc:
-                failed = exc
-        if comm is not None and comm.world_size > 1:
-            code = comm.broadcast(np.array([failed is not None]) if rank == 0 else None)
-            if code[0] and failed is None:
-                raise DirectoryBusy(f"rank 0 could not take the output {out}; see its error")
-        if failed is not None:
-            raise failed
+    def prepare():
+        check_output(out)
+        recover_dir(out)
+
+    with rank_zero_lock(out, wait=wait, comm=comm, prepare=prepare):
         yield Path(out)
 
 

@@ -12,6 +12,8 @@ from typing import Protocol
 import numpy as np
 
 from ..atomic import write_json
+from ..cache import LOCK_WAIT
+from ..lock import rank_zero_lock
 from ..pruning.collective import Local, block_range
 from .shards import iter_shard, shard_name, with_id, write_tar
 
@@ -47,6 +49,15 @@ def reshard(shards: list[str], keep: Keep, out_dir: str | os.PathLike, n_shards:
     done = np.array([(out / MANIFEST).is_file()])
     if comm.broadcast(done if comm.rank == 0 else None)[0]:  # one decision for all ranks
         return json.loads((out / MANIFEST).read_text())
+    # another job may be resharding the same run in the shared cache: wait for it, then reuse
+    with rank_zero_lock(out, wait=LOCK_WAIT, comm=comm):
+        done = np.array([(out / MANIFEST).is_file()])
+        if comm.broadcast(done if comm.rank == 0 else None)[0]:
+            return json.loads((out / MANIFEST).read_text())
+        return _reshard(shards, keep, out, n_shards, comm)
+
+
+def _reshard(shards: list[str], keep: Keep, out: Path, n_shards: int, comm) -> dict:
     per_shard = keep.per_shard()
     kept_before = np.concatenate([[0], np.cumsum([per_shard.get(shard_name(s), 0) for s in shards])])
     total = int(kept_before[-1])
