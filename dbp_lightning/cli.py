@@ -43,7 +43,11 @@ def _prune_parser() -> ArgumentParser:
 
 def _embed_parser() -> ArgumentParser:
     p = ArgumentParser(description="Embed WebDataset shards (KEY.jpg|png|webp, KEY.txt, KEY.json) "
-                       "into an embedding store with Trainer.predict; a rerun resumes.")
+                       "into an embedding store with Trainer.predict; a rerun resumes. Exit status: "
+                       "0 done; 3 done, but unreadable shards were left out (--skip_bad_shards "
+                       "true; they are named on screen and in the store's manifest.json); 2 bad "
+                       "input (an unreadable shard without --skip_bad_shards, a sample id in two "
+                       "shards, a bad option); 1 an I/O error such as a full disk; 130 Ctrl-C.")
     p.add_argument("--config", action=ActionConfigFile, help="YAML config")
     p.add_argument("--shards", type=str, required=True, help="brace pattern, glob or directory")
     p.add_argument("--out", type=str, required=True, help="store directory")
@@ -53,7 +57,15 @@ def _embed_parser() -> ArgumentParser:
     p.add_argument("--dtype", type=str, default="float16", help="float16 or float32")
     p.add_argument("--devices", type=str, default="1", help="Lightning devices (1, 8, auto)")
     p.add_argument("--num_nodes", type=int, default=1)
+    p.add_argument("--skip_bad_shards", type=bool, default=False,
+                   help="embed the shards that can be read and leave out the missing, empty or "
+                   "non-tar ones (listed in manifest.json's skipped_shards; exit 3) instead of "
+                   "refusing the pool; a rerun checks again and embeds shards fixed since")
     return p
+
+
+#: ``dbp-lightning embed``'s exit status when the store is complete but shards were left out
+EXIT_SHARDS_SKIPPED = 3
 
 
 def _eval_parser() -> ArgumentParser:
@@ -188,15 +200,22 @@ def _source_shards(store: str) -> list[str] | None:
 
 
 def run_embed(args) -> int:
-    from .embed import embed_shards, skip_summary
+    """Embed, print the one-line summary (and a line naming every unreadable shard left out);
+    0, or :data:`EXIT_SHARDS_SKIPPED` when shards were left out."""
+    from .embed import embed_shards, skip_summary, skipped_shards_line
 
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     strategy = "ddp" if devices not in (1, "1") or args.num_nodes > 1 else "auto"
     store = embed_shards(args.shards, args.out, args.encoder.validate(), args.batch_size,
                          args.num_workers, args.dtype,
                          trainer_kwargs={"devices": devices, "num_nodes": args.num_nodes,
-                                         "strategy": strategy})
+                                         "strategy": strategy},
+                         skip_bad_shards=args.skip_bad_shards)
     print(f"{skip_summary(store.manifest)} ({store.dim}-d {args.dtype}) -> {args.out}")
+    left_out = skipped_shards_line(store.manifest)
+    if left_out:
+        print(left_out)
+        return EXIT_SHARDS_SKIPPED
     return 0
 
 

@@ -6,7 +6,9 @@ world-size-th shard, each dataloader worker every num_workers-th of those, and a
 shard as chunks of decoded, preprocessed samples. :class:`ShardWriter` collects a shard's chunks
 and writes ``<shard>.npy`` + ``<shard>.parquet`` and last ``<shard>.done.json``, each atomically;
 a shard with a done file is never embedded again, so a killed run resumes where it stopped.
-When every rank has finished, rank 0 checks keys across shards and writes ``manifest.json``.
+Each rank refuses a shard that repeats a sample id of a shard it wrote before (finished runs
+included) as soon as it is embedded; when every rank has finished, rank 0 checks ids across all
+shards and writes ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .atomic import write_json, write_npy, write_parquet
 from .data.shards import (caption_fault, decode_caption, decode_image, expand_shards, iter_shard,
-                          sample_id, shard_name)
+                          list_shards, sample_id, shard_name, shard_stamp)
 from .encoders import Encoder, EncoderConfig, build_encoder
 from .store import FORMAT, VERSION, EmbeddingStore
 
@@ -49,7 +51,78 @@ def _json_fields(raw: bytes | None, fields: tuple[str, ...]) -> dict:
 
 
 def is_done(out_dir: Path, shard: str) -> bool:
-    return (out_dir / f"{shard_name(shard)}{DONE}").is_file()
+    """Whether ``shard`` has been embedded into ``out_dir`` from the file as it is now: a done
+    file that recorded another size or mtime (the shard was replaced or fixed since) does not
+    count, and the shard is embedded again."""
+    done = out_dir / f"{shard_name(shard)}{DONE}"
+    if not done.is_file():
+        return False
+    source = json.loads(done.read_text()).get("source")
+    if source is None:  # written before stamps were recorded
+        return True
+    try:
+        return shard_stamp(shard) == (source["size"], source["mtime_ns"])
+    except OSError:
+        return False  # gone: reading it will say so
+
+
+def id_hashes(ids) -> np.ndarray:
+    """int64 hashes of sample ids (Python's: the same within a process, which is all the checks
+    below need; a hit is confirmed on the ids themselves)."""
+    return np.fromiter((hash(i) for i in ids), np.int64, len(ids))
+
+
+class SeenIds:
+    """The hashes of every sample id seen so far, 8 bytes per id and no Python string kept (10^8
+    ids: 0.8 GB, where a set of the ids would take ~13 GB). Sorted runs, merged whenever the newest
+    is at least as long as the one before, so a lookup searches O(log n) runs."""
+
+    def __init__(self):
+        self.runs: list[np.ndarray] = []
+
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        """bool per hash: seen before."""
+        hit = np.zeros(len(hashes), bool)
+        for run in self.runs:
+            at = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
+            hit |= run[at] == hashes
+        return hit
+
+    def add(self, hashes: np.ndarray) -> None:
+        if not len(hashes):
+            return
+        run = np.sort(hashes)
+        while self.runs and len(self.runs[-1]) <= len(run):
+            run = np.sort(np.concatenate([self.runs.pop(), run]), kind="stable")
+        self.runs.append(run)
+
+
+def _ids(out_dir: Path, name: str) -> list[str]:
+    return pq.read_table(out_dir / f"{name}.parquet", columns=["uid"]).column("uid").to_pylist()
+
+
+def repeated_within(ids: list[str], hashes: np.ndarray) -> str | None:
+    """An id that ``ids`` holds twice, or None (hashes first; a repeated hash is confirmed)."""
+    if len(np.unique(hashes)) == len(hashes):
+        return None
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            return i
+        seen.add(i)
+    return None
+
+
+def name_repeat(out_dir: Path, earlier: list[str], candidates: set[str]) -> tuple[str, str] | None:
+    """(id, shard) for the first of ``earlier`` (shard paths, all embedded into ``out_dir``)
+    that holds one of ``candidates``; None when none does (the hashes collided)."""
+    for shard in earlier:
+        name = shard_name(shard)
+        if (out_dir / f"{name}.parquet").is_file():
+            found = candidates.intersection(_ids(out_dir, name))
+            if found:
+                return min(found), shard
+    return None
 
 
 class ShardChunks(IterableDataset):
@@ -76,12 +149,17 @@ class ShardChunks(IterableDataset):
         mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
         for shard in mine:
             if not is_done(self.out_dir, shard):
+                if (self.out_dir / f"{shard_name(shard)}{DONE}").is_file():
+                    warnings.warn(f"{shard}: changed since it was embedded into {self.out_dir} "
+                                  "(size or mtime differ); embedding it again", stacklevel=2)
                 yield from self._chunks(shard)
 
     def _chunks(self, shard: str) -> Iterator[dict]:
         counts: Counter = Counter()
+        notes: dict = {}
         buf: list[tuple] = []
-        for sample in iter_shard(shard, counts):
+        stamp = shard_stamp(shard)  # the file these embeddings come from
+        for sample in iter_shard(shard, counts, notes, stamp=stamp):
             counts["read"] += 1
             # a pair is only usable for CLIP training with both halves, whatever the encoder
             # embeds, so the store and the training stream hold the same samples
@@ -97,15 +175,16 @@ class ShardChunks(IterableDataset):
             if len(buf) == self.chunk_size:
                 yield self._chunk(shard, buf, last=False, counts=None)
                 buf = []
-        yield self._chunk(shard, buf, last=True, counts=dict(counts))
+        source = {"path": shard, "size": stamp[0], "mtime_ns": stamp[1]}
+        yield self._chunk(shard, buf, last=True, counts=dict(counts), notes=notes, source=source)
 
-    def _chunk(self, shard, buf, last, counts) -> dict:
+    def _chunk(self, shard, buf, last, counts, notes=None, source=None) -> dict:
         keys, uids, images, captions, fields = zip(*buf) if buf else ((), (), (), (), ())
         return {"shard": shard_name(shard), "last": last, "keys": list(keys), "uids": list(uids),
                 "fields": {f: [row[f] for row in fields] for f in self.metadata_fields},
                 "images": torch.stack([self.transform(i) for i in images]) if self.transform and buf else None,
                 "texts": self.tokenize(list(captions)) if self.tokenize and buf else None,
-                "counts": counts}
+                "counts": counts, "notes": notes, "source": source}
 
 
 class EmbedModule(L.LightningModule):
@@ -128,13 +207,21 @@ class EmbedModule(L.LightningModule):
 
 
 class ShardWriter(BasePredictionWriter):
-    """Writes each shard's embeddings when its last chunk arrives; rank 0 writes the manifest."""
+    """Writes each shard's embeddings when its last chunk arrives; rank 0 writes the manifest.
+
+    A shard that repeats the id of a sample this rank wrote before (in this run or a finished
+    one it resumes) is refused when it arrives, naming both shards, and nothing of it is written;
+    the ids are kept as 64-bit hashes (:class:`SeenIds`), and a hit is confirmed on the ids.
+    """
 
     def __init__(self, out_dir: str, shards: list[str], dtype: str, info: dict):
         super().__init__(write_interval="batch")
         self.out_dir, self.shards, self.dtype, self.info = Path(out_dir), shards, dtype, info
         self.pending: dict[str, list[dict]] = {}
         self.bar = None
+        self.paths = {shard_name(s): s for s in shards}
+        self.seen = SeenIds()
+        self.written: list[str] = []  # shards whose ids are in seen, in the order they came
 
     def on_predict_start(self, trainer, pl_module):
         from tqdm.auto import tqdm
@@ -144,6 +231,10 @@ class ShardWriter(BasePredictionWriter):
         self.bar = tqdm(desc=f"embed {enc.get('model', '')} {enc.get('modality', '')} (rank {trainer.global_rank})",
                         unit="sample",
                         disable=not trainer.is_global_zero)
+        # the ids of this rank's shards a previous run finished, so a repeat is found at once
+        for shard in self.shards[trainer.global_rank :: trainer.world_size]:
+            if is_done(self.out_dir, shard) and (self.out_dir / f"{shard_name(shard)}.parquet").is_file():
+                self._remember(shard, _ids(self.out_dir, shard_name(shard)))
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx=0):
@@ -153,6 +244,22 @@ class ShardWriter(BasePredictionWriter):
         chunks.append(prediction)
         if prediction["last"]:
             self._write_shard(self.pending.pop(prediction["shard"]))
+
+    def _remember(self, shard: str, ids: list[str]) -> None:
+        """Check ``ids`` (one shard's) against themselves and the shards remembered before; keep
+        their hashes. Raises ValueError naming both shards of a repeated id."""
+        hashes = id_hashes(ids)
+        twice = repeated_within(ids, hashes)
+        if twice is not None:
+            raise ValueError(f"sample {twice!r} occurs twice in shard {shard}")
+        hit = self.seen.contains(hashes)
+        if hit.any():
+            repeat = name_repeat(self.out_dir, self.written, {ids[i] for i in np.flatnonzero(hit)})
+            if repeat is not None:
+                raise ValueError(f"sample {repeat[0]!r} occurs in shard {repeat[1]} and in shard "
+                                 f"{shard}")
+        self.seen.add(hashes)
+        self.written.append(shard)
 
     def _write_shard(self, chunks: list[dict]) -> None:
         name = chunks[0]["shard"]
@@ -164,8 +271,12 @@ class ShardWriter(BasePredictionWriter):
         for field in chunks[0]["fields"]:
             columns[field] = pa.array(sum((c["fields"][field] for c in chunks), []), pa.float32())
         table = pa.table(columns)
-        counts = {k: int(v) for k, v in (chunks[-1]["counts"] or {}).items()}
+        last = chunks[-1]
+        counts = {k: int(v) for k, v in (last["counts"] or {}).items()}
         done = {"rows": 0, "counts": counts}
+        if last.get("source") is not None:  # the file as it was read: size and mtime
+            done["source"] = last["source"]
+        done.update(last.get("notes") or {})  # damage, expected, keys of samples out of place
         # a row prune would refuse (no direction, or not finite once stored in this dtype) is
         # left out here, named and counted, so that a finished store is always prunable
         bad = ~np.isfinite(emb).all(axis=1) | ~emb.any(axis=1)
@@ -177,6 +288,8 @@ class ShardWriter(BasePredictionWriter):
             emb, table = emb[~bad], table.filter(pa.array(~bad))
             counts["degenerate_embedding"] = len(ids)
             done["degenerate"] = ids
+        # before anything of this shard is written: one identity in two shards stops the run
+        self._remember(self.paths.get(name, name), table.column("uid").to_pylist())
         write_npy(self.out_dir / f"{name}.npy", emb)
         write_parquet(self.out_dir / f"{name}.parquet", table)
         done["rows"] = len(emb)
@@ -197,60 +310,137 @@ class ShardWriter(BasePredictionWriter):
             raise ValueError(error)
 
 
+#: what a shard's done file holds besides rows and counts, copied into its manifest entry: how
+#: it was damaged and how many samples img2dataset wrote into it, the keys of samples whose
+#: members were out of place, the ids of samples left out for a degenerate embedding
+_NOTES = ("damage", "expected", "members_not_adjacent", "duplicate_member", "degenerate")
+
+
 def write_manifest(out_dir: Path, shards: list[str], dtype: str, info: dict) -> None:
-    """Check every shard is done and keys are unique across shards; write ``manifest.json``."""
-    entries, empty, seen, counts = [], [], {}, Counter()
-    dim = None
+    """Check every shard is done and sample ids are unique across shards; write ``manifest.json``.
+
+    The check holds one int64 hash per id (sorted once), and reads the ids again only to name
+    the two shards of a repeated hash.
+    """
+    entries, empty, counts, sources = [], [], Counter(), {}
+    metas = []
     for shard in shards:
         name = shard_name(shard)
         done = out_dir / f"{name}{DONE}"
         if not done.is_file():
             raise RuntimeError(f"{shard}: not embedded; rerun to finish it")
-        meta = json.loads(done.read_text())
+        metas.append(json.loads(done.read_text()))
+    hashes = np.empty(sum(int(m["rows"]) for m in metas), np.int64)
+    at, dim = 0, None
+    for shard, meta in zip(shards, metas):
+        name = shard_name(shard)
         counts.update(meta["counts"])
-        left_out = {"degenerate": meta["degenerate"]} if meta.get("degenerate") else {}
+        if meta.get("source"):
+            sources[name] = meta["source"]
+        entry = {"name": name, "rows": int(meta["rows"]), "counts": meta["counts"],
+                 **{k: meta[k] for k in _NOTES if meta.get(k)}}
         if meta["rows"] == 0:
-            empty.append({"name": name, "counts": meta["counts"], **left_out})  # no files to list
+            del entry["rows"]
+            empty.append(entry)  # no files to list
             continue
-        arr = np.load(out_dir / f"{name}.npy", mmap_mode="r")
-        dim = arr.shape[1]
-        for key in pq.read_table(out_dir / f"{name}.parquet", columns=["uid"]).column("uid").to_pylist():
-            if key in seen:
-                raise ValueError(f"sample {key!r} occurs in shard {seen[key]} and in shard {shard}")
-            seen[key] = shard
-        entries.append({"name": name, "rows": int(meta["rows"]), "counts": meta["counts"],
-                        **left_out})
+        dim = np.load(out_dir / f"{name}.npy", mmap_mode="r").shape[1]
+        ids = _ids(out_dir, name)
+        if len(ids) != meta["rows"]:
+            raise RuntimeError(f"{out_dir / name}.parquet: {len(ids)} rows, its done file says "
+                               f"{meta['rows']}; rerun to embed it again")
+        hashes[at : at + len(ids)] = id_hashes(ids)
+        at += len(ids)
+        entries.append(entry)
     if dim is None:
         raise ValueError("no shard had a usable sample: nothing to embed")
+    hashes.sort()
+    repeated = hashes[1:][hashes[1:] == hashes[:-1]]
+    del hashes
+    if len(repeated):
+        _name_repeated_id(out_dir, shards, set(repeated.tolist()))
     write_json(out_dir / "manifest.json", {"format": FORMAT, "version": VERSION, "dim": int(dim),
                                            "dtype": dtype, "shards": entries,
                                            "empty_shards": empty, "counts": dict(counts),
-                                           **info})
+                                           "sources": sources, **info})
+
+
+def _name_repeated_id(out_dir: Path, shards: list[str], repeated: set[int]) -> None:
+    """Raise ValueError naming an id that two of ``shards`` hold, among the ids whose hash is
+    in ``repeated``; return when none is (the hashes collided)."""
+    first: dict[str, str] = {}  # only the ids with a repeated hash: a handful
+    for shard in shards:
+        name = shard_name(shard)
+        if not (out_dir / f"{name}.parquet").is_file():
+            continue
+        ids = _ids(out_dir, name)
+        for i in np.flatnonzero(np.isin(id_hashes(ids), list(repeated))):
+            if ids[i] in first:
+                where = "twice in shard" if first[ids[i]] == shard else f"in shard {first[ids[i]]} and in shard"
+                raise ValueError(f"sample {ids[i]!r} occurs {where} {shard}")
+            first[ids[i]] = shard
 
 
 #: json fields copied into the store's parquet when asked (the CLIP scores LAION and DataComp ship)
 SCORE_FIELDS = ("similarity", "clip_l14_similarity_score")
 
 
+#: counts of samples that were read and used, with a fault in the tar noted
+#: (:func:`~dbp_lightning.data.shards.iter_shard`); the other counts are samples not embedded
+_NOTED = ("members_not_adjacent", "duplicate_member")
+
+
 def skip_summary(manifest: dict, most: int = 5) -> str:
     """One line for the end of a run: samples read and embedded, then each skip cause with its
-    count and the shards concerned (the first ``most`` of them)."""
+    count and the shards concerned (the first ``most`` of them), samples lost to damaged tars
+    (and the shards where how many is unknown), samples used although their members were out of
+    place or repeated, and the unreadable shards left out (``skip_bad_shards``)."""
     total = manifest.get("counts", {})
     per_shard = manifest["shards"] + manifest.get("empty_shards", [])
     embedded = sum(s["rows"] for s in manifest["shards"])
-    parts = []
-    for cause in sorted(c for c in total if c != "read"):
-        names = [s["name"] for s in per_shard if s.get("counts", {}).get(cause)]
+
+    def shards(cause: str) -> list[str]:
+        return [s["name"] for s in per_shard if s.get("counts", {}).get(cause)]
+
+    def listed(names: list[str]) -> str:
         more = f" +{len(names) - most} more" if len(names) > most else ""
-        parts.append(f"{cause} {total[cause]:,} ({', '.join(names[:most])}{more})")
-    skipped = f"; skipped: {'; '.join(parts)}" if parts else "; nothing skipped"
-    return f"read {total.get('read', 0):,} samples, embedded {embedded:,}{skipped}"
+        return f"{', '.join(names[:most])}{more}"
+
+    skipped, noted = [], []
+    unknown = shards("lost_to_truncation_unknown")
+    for cause in sorted(c for c in total if c not in ("read", "lost_to_truncation_unknown")):
+        part = f"{cause} {total[cause]:,} ({listed(shards(cause))})"
+        if cause == "lost_to_truncation" and unknown:
+            part = part[:-1] + (f"; samples after the cut unknown in {listed(unknown)}: no "
+                                "img2dataset stats beside the tar)")
+        (noted if cause in _NOTED else skipped).append(part)
+    if unknown and "lost_to_truncation" not in total:
+        skipped.append(f"lost_to_truncation unknown (samples after the cut in {listed(unknown)}: "
+                       "no img2dataset stats beside the tar)")
+    line = f"read {total.get('read', 0):,} samples, embedded {embedded:,}"
+    line += f"; skipped: {'; '.join(skipped)}" if skipped else "; nothing skipped"
+    if noted:
+        line += f"; noted (samples used): {'; '.join(noted)}"
+    bad = manifest.get("skipped_shards") or []
+    if bad:
+        line += (f"; unreadable shards left out: {len(bad):,} "
+                 f"({listed([shard_name(b['path']) for b in bad])})")
+    return line
+
+
+def skipped_shards_line(manifest: dict) -> str | None:
+    """One line naming every unreadable shard ``skip_bad_shards`` left out, and why; None if none."""
+    bad = manifest.get("skipped_shards") or []
+    if not bad:
+        return None
+    return (f"left out {len(bad):,} unreadable shard{'s' if len(bad) > 1 else ''}: "
+            + "; ".join(f"{b['path']} ({b['why']})" for b in bad))
 
 
 def embed_shards(shards: str | list[str], out_dir: str, encoder: EncoderConfig,
                  batch_size: int = 256, num_workers: int = 2, dtype: str = "float16",
                  trainer_kwargs: dict | None = None,
-                 metadata_fields: tuple[str, ...] = SCORE_FIELDS) -> EmbeddingStore:
+                 metadata_fields: tuple[str, ...] = SCORE_FIELDS,
+                 skip_bad_shards: bool = False) -> EmbeddingStore:
     """Embed ``shards`` into an embedding store at ``out_dir`` (resuming a killed run).
 
     Args:
@@ -264,11 +454,25 @@ def embed_shards(shards: str | list[str], out_dir: str, encoder: EncoderConfig,
             num_nodes, precision); default: one device, bf16 autocast on GPU.
         metadata_fields: numeric fields of each sample's json to keep as float32 columns (null
             where absent), e.g. a CLIP score for the ``clip_score`` stage to read.
+        skip_bad_shards: embed the shards that can be read and leave out those that cannot
+            (missing, empty, not a tar) instead of refusing the pool; they are listed with why in
+            the manifest's ``skipped_shards`` (``source_shards`` lists the shards embedded).
+            Every run checks again: a shard fixed since is embedded by a rerun.
+
+    Raises:
+        ValueError: a shard that cannot be read (without ``skip_bad_shards``: all are named),
+            a sample id in two shards (both named), other settings than the directory's.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype: a store is float16 or float32, got {dtype!r}")
     encoder.validate()  # an encoder with no weights is refused before any shard is looked at
-    paths = expand_shards(shards)
+    if skip_bad_shards:
+        paths, bad = list_shards(shards)
+        if not paths:
+            raise ValueError(f"shards: none of {len(bad)} can be read: "
+                             + "; ".join(f"{p} ({why})" for p, why in bad))
+    else:
+        paths, bad = expand_shards(shards), []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"encoder": encoder.identity(), "dtype": dtype,
@@ -284,7 +488,9 @@ def embed_shards(shards: str | list[str], out_dir: str, encoder: EncoderConfig,
               "precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"}
     kwargs.update(trainer_kwargs or {})
     trainer = L.Trainer(use_distributed_sampler=False, **kwargs)
-    info = {"encoder": encoder.identity(), "source_shards": paths, "metadata_fields": list(metadata_fields)}
+    info = {"encoder": encoder.identity(), "source_shards": paths,
+            "skipped_shards": [{"path": p, "why": why} for p, why in bad],
+            "metadata_fields": list(metadata_fields)}
     writer = ShardWriter(str(out), paths, dtype, info)
     trainer.callbacks.append(writer)
     dataset = ShardChunks(paths, str(out), model, batch_size, trainer.global_rank, trainer.world_size,
