@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -29,22 +30,35 @@ from . import cache
 from .config import EncoderConfig, PruneConfig
 from .data.keep import KeptSamples
 from .data.reshard import reshard
-from .data.shards import decode_caption, decode_image, expand_shards, shard_name, with_id
+from .data.shards import (ShardChanged, decode_caption, decode_image, expand_shards, iter_shard,
+                          list_shards, shard_name, shard_stamp, with_id)
 
 
-def _shard_fault(exc: Exception) -> bool:
-    """webdataset's error handler for the stream.
+def _read_shards(src, stamps: dict[str, tuple[int, int]]):
+    """webdataset stage: ``{"url": path}`` -> the shard's samples, read as the embedder read them
+    (:func:`~dbp_lightning.data.shards.iter_shard`: damage and members out of place are
+    handled the same way, so the stream holds exactly the samples the store holds).
 
-    A shard that cannot be opened any more (deleted, moved or made unreadable since the pool was
-    embedded) stops the epoch with an error naming it: skipping it would let ``with_epoch`` fill
-    the epoch with repeated samples. Damage inside a tar (a truncated shard) is skipped with a
-    warning, as the embedder skipped and counted it.
+    A shard that cannot be opened any more (deleted, moved or made unreadable), or whose size or
+    mtime differ from those :meth:`DBPDataModule.setup` recorded, stops the epoch with an error
+    naming it: skipping it would let ``with_epoch`` fill the epoch with repeated samples, and
+    reading it would filter samples by a selection made from other contents.
     """
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
-        why = (exc.strerror or str(exc)).lower()
-        raise RuntimeError(f"shard {exc.filename or exc.args[-1]}: {why} while streaming it; "
-                           "the pool changed since it was embedded") from exc
-    return wds.warn_and_continue(exc)
+    for item in src:
+        path = item["url"]
+        try:
+            yield from iter_shard(path, Counter(), stamp=stamps.get(path))
+        except ShardChanged as exc:
+            raise RuntimeError(f"{exc} while streaming it; the selection was made from the file "
+                               "as it was: run setup again (a new embedding) or restore it") from exc
+        except OSError as exc:
+            why = (exc.strerror or str(exc)).lower()
+            raise RuntimeError(f"shard {exc.filename or path}: {why} while streaming it; the pool "
+                               "changed since it was embedded") from exc
+
+
+def _not_none(example) -> bool:
+    return example is not None
 
 
 def _every_nth(src, start: int, step: int):
@@ -81,6 +95,15 @@ class DBPDataModule(L.LightningDataModule):
             (with DDP on many GPUs: embedding inside ``fit`` runs on rank 0 alone while the
             other ranks wait); it must list the same shards and ``encoder``. Default: embed
             into ``cache_dir``.
+        skip_bad_shards: leave out the shards (training and held-out) that are missing, empty
+            or not a tar, with a warning naming each and why (``skipped_shards`` lists them),
+            instead of refusing the pool. The cache is keyed by the shards used, so a shard
+            fixed later makes a new embedding; with ``store``, the store must hold exactly the
+            readable shards (``dbp-lightning embed --skip_bad_shards true`` writes such a store).
+
+    Shards are checked when they are opened for streaming: one that is gone, or whose size or
+    mtime differ from what ``setup`` recorded (or, for ``setup`` itself, from what the
+    embedding recorded), stops with an error naming it rather than being read.
 
     Under DDP every rank must take the same number of steps with full batches (the contrastive
     loss gathers equal-sized batches from all ranks), so an epoch ends at the fewest full
@@ -93,10 +116,12 @@ class DBPDataModule(L.LightningDataModule):
                  image_transform: Optional[Callable] = None, tokenizer: Optional[Callable] = None,
                  batch_size: int = 256, num_workers: int = 4, embed_batch_size: int = 256,
                  embed_dtype: str = "float16", val_shards: Optional[str | list[str]] = None,
-                 reshard: bool = False, store: Optional[str] = None):
+                 reshard: bool = False, store: Optional[str] = None,
+                 skip_bad_shards: bool = False):
         super().__init__()
-        self.shards = expand_shards(shards)
-        self.val_shards = expand_shards(val_shards) if val_shards else None
+        self.skipped_shards: list[tuple[str, str]] = []
+        self.shards = self._shards(shards, skip_bad_shards)
+        self.val_shards = self._shards(val_shards, skip_bad_shards) if val_shards else None
         self.cache_dir = Path(cache_dir)
         self.encoder = (encoder or EncoderConfig(kind="efficientnet_lite0", model="efficientnet-lite0")).validate()
         self.prune_config = dataclasses.replace(prune or PruneConfig(), input="-", output="-").validate()
@@ -113,6 +138,21 @@ class DBPDataModule(L.LightningDataModule):
         self.report: dict = {}
         self._kept: Optional[KeptSamples] = None
         self._kept_per_shard: dict[str, int] = {}
+        self._stamps: dict[str, tuple[int, int]] = {}
+
+    def _shards(self, spec, skip_bad: bool) -> list[str]:
+        if not skip_bad:
+            return expand_shards(spec)
+        good, bad = list_shards(spec)
+        if bad:
+            warnings.warn(f"DBPDataModule: leaving out {len(bad)} unreadable shard"
+                          f"{'s' if len(bad) > 1 else ''} (skip_bad_shards): "
+                          + "; ".join(f"{p} ({why})" for p, why in bad), stacklevel=3)
+            self.skipped_shards += bad
+        if not good:
+            raise ValueError(f"shards: none of {len(bad)} can be read: "
+                             + "; ".join(f"{p} ({why})" for p, why in bad))
+        return good
 
     # ------------------------------------------------------------------ cache paths
     @functools.cached_property
@@ -147,6 +187,7 @@ class DBPDataModule(L.LightningDataModule):
         if self.store:
             cache.check_store(self.store, self.shards, self.encoder)
             return
+        _ = self.store_dir  # keyed by the shards as they are now: setup checks they stay so
         cache.ensure_store(self.cache_dir, self.shards, self.encoder, self.embed_dtype,
                            self.embed_batch_size, min(self.num_workers, 2))
 
@@ -157,7 +198,11 @@ class DBPDataModule(L.LightningDataModule):
 
         if not (self.store_dir / "manifest.json").is_file():
             raise RuntimeError(f"DBPDataModule.setup: no embedding store at {self.store_dir}; call "
-                               "prepare_data() first (Trainer.fit and validate call both)")
+                               "prepare_data() first (Trainer.fit and validate call both), or, if "
+                               "it ran, a shard changed since (the cache is keyed by the shards' "
+                               "sizes and mtimes)")
+        # the source shards must be the files the store was embedded from, and stay so
+        self._stamps = self._shard_stamps([*self.shards, *(self.val_shards or [])])
         comm = gloo_beside(self.trainer.local_rank) if self._world()[1] > 1 else None
         try:
             cache.ensure_pruned(self.cache_dir, self.store_dir, self.prune_config, comm=comm)
@@ -170,12 +215,35 @@ class DBPDataModule(L.LightningDataModule):
         finally:
             if comm is not None:
                 comm.close()
+        if self.reshard:
+            self._stamps.update(self._shard_stamps(self._train_shards))
         module = self.trainer.lightning_module if self.trainer is not None else None
         if self.image_transform is None:
             self.image_transform = getattr(module, "preprocess_train", None) or default_image_transform()
         if self.tokenizer is None:
             self.tokenizer = getattr(module, "tokenizer", None)
 
+
+    def _shard_stamps(self, paths: list[str]) -> dict[str, tuple[int, int]]:
+        """(bytes, mtime_ns) of ``paths`` as they are now, for the streams to check each shard
+        against when they open it. A source shard must still be the file the store was embedded
+        from, when the store's manifest recorded it (``sources``) under the same path."""
+        sources = json.loads((self.store_dir / "manifest.json").read_text()).get("sources", {})
+        stamps = {}
+        for path in paths:
+            try:
+                stamps[path] = shard_stamp(path)
+            except OSError as exc:
+                raise RuntimeError(f"shard {path}: {(exc.strerror or str(exc)).lower()} at setup; "
+                                   "the pool changed since it was embedded") from exc
+            embedded = sources.get(shard_name(path)) if path in self.shards else None
+            if embedded and embedded.get("path") == path and \
+                    stamps[path] != (embedded["size"], embedded["mtime_ns"]):
+                raise RuntimeError(f"shard {path}: changed since it was embedded into "
+                                   f"{self.store_dir} ({embedded['size']:,} bytes then, "
+                                   f"{stamps[path][0]:,} now; mtime_ns {embedded['mtime_ns']} "
+                                   f"then, {stamps[path][1]} now); embed it again")
+        return stamps
 
     @property
     def selection(self):
@@ -194,16 +262,17 @@ class DBPDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ streams
     def _pipeline(self, shards: list[str], keep: Optional[KeptSamples]) -> wds.WebDataset:
         rank, world = self._world()
-        # split by the Trainer's rank, not webdataset's guess from RANK / torch.distributed
-        ds = wds.WebDataset(shards, shardshuffle=False,
-                            nodesplitter=functools.partial(_every_nth, start=rank, step=world),
-                            workersplitter=wds.split_by_worker, empty_check=False,
-                            handler=_shard_fault)
-        ds = ds.map(with_id)  # parse the json once per sample, for the filter and the batch
+        # split by the Trainer's rank, not webdataset's guess from RANK / torch.distributed;
+        # samples read as the embedder read them (_read_shards)
+        stages = [wds.SimpleShardList(shards),
+                  functools.partial(_every_nth, start=rank, step=world), wds.split_by_worker,
+                  functools.partial(_read_shards, stamps=self._stamps),
+                  wds.map(with_id)]  # parse the json once per sample, for the filter and the batch
         if keep is not None:
-            ds = ds.select(keep)
-        return (ds.map(self._to_example).select(lambda e: e is not None)
-                  .batched(self.batch_size, partial=world == 1))
+            stages.append(wds.select(keep))
+        stages += [wds.map(self._to_example), wds.select(_not_none),
+                   wds.batched(self.batch_size, partial=world == 1)]
+        return wds.DataPipeline(*stages)
 
     def _to_example(self, sample: dict):
         image, caption = decode_image(sample), decode_caption(sample)

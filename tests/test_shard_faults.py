@@ -1,10 +1,11 @@
 """Bad shards, named and counted (issue 12): unreadable shards left out on request (exit 3),
 samples lost to a cut or a corrupt header counted from img2dataset's own record, members of one
 sample that are not adjacent read as one sample, one id in two shards found as soon as the
-second is embedded."""
+second is embedded, and a shard that changes under DBPDataModule named instead of read."""
 
 import io
 import json
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -307,3 +308,99 @@ def test_keys_that_repeat_across_shards_embed_when_uids_are_unique(tmp_path):
     meta = store.metadata()
     assert meta.column("uid").to_pylist() == [uid(i) for i in (0, 1, 2, 3, 10, 11, 12, 13)]
     assert meta.column("key").to_pylist() == [f"{j:06d}" for j in range(4)] * 2
+
+
+# ---------------------------------------------------------------- DBPDataModule
+def _dm(tmp_path, **kwargs):
+    from test_datamodule import ENCODER
+
+    from dbp_lightning.config import PruneConfig, SelectConfig
+    from dbp_lightning.datamodule import DBPDataModule
+
+    return DBPDataModule(kwargs.pop("shards", str(tmp_path / "wds")), cache_dir=str(tmp_path / "cache"),
+                         encoder=ENCODER,
+                         prune=PruneConfig(stages=["random"],
+                                           select=SelectConfig(target_fraction=kwargs.pop("keep", 0.6))),
+                         batch_size=4, num_workers=0, embed_batch_size=8, **kwargs)
+
+
+def _kept(dm) -> set[str]:
+    sel = dm.selection
+    return set(np.asarray(sel.column("uid").to_pylist())[sel.column("kept").to_numpy(zero_copy_only=False)])
+
+
+def test_a_shard_that_changes_after_setup_is_named_when_it_is_streamed(tmp_path):
+    write_shards(tmp_path / "wds", n_shards=3, per_shard=8)
+    dm = _dm(tmp_path)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert sorted(i for b in dm.train_dataloader() for i in b[2]) == sorted(_kept(dm))
+    shard = tmp_path / "wds" / "shard-00002.tar"
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten, same size
+    with pytest.raises(RuntimeError, match=r"shard .*shard-00002\.tar: changed since the pool was listed "
+                                           r".*mtime_ns .* while streaming it"):
+        list(dm.train_dataloader())
+    with open(shard, "ab") as f:  # grown
+        f.write(bytes(1024))
+    with pytest.raises(RuntimeError, match=r"shard-00002\.tar: changed .* bytes then, "):
+        list(dm.train_dataloader())
+
+
+def test_a_shard_that_changed_since_it_was_embedded_is_named_at_setup(tmp_path):
+    """Between prepare_data (which embeds) and setup, or after `dbp-lightning embed` wrote the
+    store a DataModule is given: setup names the shard, before pruning or streaming anything."""
+    write_shards(tmp_path / "wds", n_shards=2, per_shard=6)
+    dm = _dm(tmp_path)
+    dm.prepare_data()
+    shard = tmp_path / "wds" / "shard-00001.tar"
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(RuntimeError, match=r"shard .*shard-00001\.tar: changed since it was embedded into "
+                                           r".*embeddings-.* mtime_ns .*; embed it again"):
+        dm.setup("fit")
+    assert not list((tmp_path / "cache").glob("prune-*"))  # nothing pruned
+    embed_shards(str(tmp_path / "wds"), tmp_path / "emb", dm.encoder, batch_size=4, num_workers=0)
+    with open(shard, "ab") as f:
+        f.write(bytes(1024))
+    given = _dm(tmp_path, store=str(tmp_path / "emb"))
+    given.prepare_data()
+    with pytest.raises(RuntimeError, match=r"shard-00001\.tar: changed since it was embedded into .*emb "
+                                           r"\(.* bytes then, .* now"):
+        given.setup("fit")
+
+
+def test_the_datamodule_skips_bad_shards_when_asked_and_streams_what_the_store_holds(tmp_path):
+    """An empty shard is left out with a warning naming it; a shard whose sample is split in the
+    tar streams that sample whole, as it was embedded."""
+    write_shards(tmp_path / "wds", n_shards=3, per_shard=6)
+    (tmp_path / "wds" / "shard-00001.tar").write_bytes(b"")
+    a, b = _members(100), _members(101)
+    with tarfile.open(tmp_path / "wds" / "shard-00003.tar", "w") as tar:
+        _member(tar, "000100.jpg", a["jpg"])
+        for ext in ("jpg", "txt", "json"):
+            _member(tar, f"000101.{ext}", b[ext])
+        _member(tar, "000100.txt", a["txt"])
+        _member(tar, "000100.json", a["json"])
+    with pytest.raises(ValueError, match=r"1 of 4 cannot be read.*shard-00001\.tar \(empty file\)"):
+        _dm(tmp_path)
+    with pytest.warns(UserWarning, match=r"leaving out 1 unreadable shard \(skip_bad_shards\): "
+                                         r".*shard-00001\.tar \(empty file\)"):
+        dm = _dm(tmp_path, skip_bad_shards=True, keep=1.0)
+    assert [Path(p).name for p, _ in dm.skipped_shards] == ["shard-00001.tar"]
+    dm.prepare_data()
+    dm.setup("fit")
+    seen = [i for batch in dm.train_dataloader() for i in batch[2]]
+    assert sorted(seen) == sorted(_kept(dm)) and len(seen) == 14 and uid(100) in seen
+    manifest = json.loads((dm.store_dir / "manifest.json").read_text())
+    assert manifest["counts"]["members_not_adjacent"] == 1
+
+    # a store that `embed --skip_bad_shards true` wrote is taken for the readable shards
+    embed_shards(str(tmp_path / "wds"), tmp_path / "emb", dm.encoder, batch_size=4, num_workers=0,
+                 skip_bad_shards=True)
+    with pytest.warns(UserWarning, match="leaving out 1"):
+        given = _dm(tmp_path, skip_bad_shards=True, store=str(tmp_path / "emb"))
+    given.prepare_data()
+    given.setup("fit")
+    seen = [i for batch in given.train_dataloader() for i in batch[2]]
+    assert sorted(seen) == sorted(_kept(given)) and 0 < len(seen) < 14
