@@ -13,6 +13,7 @@ shards and writes ``manifest.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from collections import Counter
@@ -31,6 +32,7 @@ from .atomic import write_json, write_npy, write_parquet
 from .data.shards import (caption_fault, decode_caption, decode_image, expand_shards, iter_shard,
                           list_shards, sample_id, shard_name, shard_stamp)
 from .encoders import Encoder, EncoderConfig, build_encoder
+from .lock import DirectoryBusy, directory_lock
 from .store import FORMAT, VERSION, EmbeddingStore
 
 DONE = ".done.json"
@@ -222,9 +224,23 @@ class ShardWriter(BasePredictionWriter):
         self.paths = {shard_name(s): s for s in shards}
         self.seen = SeenIds()
         self.written: list[str] = []  # shards whose ids are in seen, in the order they came
+        self.lock: contextlib.ExitStack | None = None
 
     def on_predict_start(self, trainer, pl_module):
         from tqdm.auto import tqdm
+
+        # one writer per store: rank 0 holds its lock until the manifest is written, and every
+        # rank stops if another process holds it
+        self.lock = contextlib.ExitStack()
+        busy = None
+        if trainer.is_global_zero:
+            try:
+                self.lock.enter_context(directory_lock(self.out_dir))
+            except DirectoryBusy as exc:
+                busy = str(exc)
+        busy = trainer.strategy.broadcast(busy, src=0)
+        if busy:
+            raise DirectoryBusy(busy)
 
         # samples/s of this rank (Lightning's own bar would count chunks)
         enc = self.info.get("encoder", {})  # which tower: a demo embeds the pool twice
@@ -305,9 +321,15 @@ class ShardWriter(BasePredictionWriter):
                 write_manifest(self.out_dir, self.shards, self.dtype, self.info)
             except (ValueError, RuntimeError) as exc:
                 error = str(exc)
+            finally:
+                self.lock.close()
         error = trainer.strategy.broadcast(error, src=0)  # every rank fails, none waits forever
         if error:
             raise ValueError(error)
+
+    def on_exception(self, trainer, pl_module, exception):
+        if self.lock is not None:
+            self.lock.close()
 
 
 #: what a shard's done file holds besides rows and counts, copied into its manifest entry: how

@@ -201,18 +201,26 @@ def test_a_swap_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     assert sorted(p.name for p in target.iterdir()) == ["b"] and _leftovers(tmp_path) == []
 
 
-def test_a_command_refuses_an_output_another_process_holds(tmp_path, capsys):
-    """demo and compare lock their results directory for the whole run: a second one started
-    meanwhile stops at once, naming the holder, before writing anything."""
-    from dbp_lightning.cli import main
-
-    out = tmp_path / "demo"
+def _hold(out):
+    """A process that holds ``out``'s lock until killed."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom dbp_lightning.lock import directory_lock\n"
          f"with directory_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_command_refuses_an_output_another_process_holds(tmp_path, capsys):
+    """demo and compare lock their results directory for the whole run, embed its store until
+    the manifest is written: a second one started meanwhile stops, naming the holder, before
+    writing anything (demo) or any shard (embed)."""
+    from dbp_lightning.cli import main
+    from wds_util import write_shards
+
+    out = tmp_path / "demo"
+    holder = _hold(out)
     try:
-        assert holder.stdout.readline().strip() == "held"
         assert main(["demo", "--out", str(out), "--max_per_source", "10"]) == 1
         err = capsys.readouterr().err
         assert f"{out} is being written by pid {holder.pid} on" in err and "-c" in err
@@ -220,3 +228,18 @@ def test_a_command_refuses_an_output_another_process_holds(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+    store = tmp_path / "store"
+    write_shards(tmp_path / "wds", n_shards=2, per_shard=4)
+    argv = ["embed", "--shards", str(tmp_path / "wds"), "--out", str(store), "--num_workers", "0",
+            "--encoder.model", "tiny-clip", "--encoder.random_init", "true"]
+    holder = _hold(store)
+    try:
+        assert main(argv) == 1
+        err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(err) == 1 and f"{store} is being written by pid {holder.pid} on" in err[0]
+        assert not list(store.glob("*.npy")) and not (store / "manifest.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(argv) == 0 and (store / "manifest.json").is_file()  # the lock died with its holder
