@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 #: library call inside it that locks the same directory) is a no-op, not a deadlock
 _held = threading.local()
 
+#: what flock fails with where a file system has no locks (NFSv3 without lockd, some FUSE mounts)
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
 
 class DirectoryBusy(RuntimeError):
     """Another live process is writing the directory."""
@@ -85,6 +88,12 @@ def directory_lock(directory: str | os.PathLike, wait: float = 0.0) -> Iterator[
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
+            if exc.errno in _NO_LOCKS:  # refusing every run there would help nobody: say so
+                log.warning("%s: the file system cannot lock files (%s); a second writer of %s "
+                            "will not be refused", path, exc.strerror, directory)
+                path.unlink(missing_ok=True)
+                yield path
+                return
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise OSError(exc.errno, f"cannot lock ({exc.strerror})", str(path)) from exc
             if time.monotonic() >= deadline:

@@ -243,3 +243,19 @@ def test_a_command_refuses_an_output_another_process_holds(tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert main(argv) == 0 and (store / "manifest.json").is_file()  # the lock died with its holder
+
+
+def test_a_file_system_without_locks_is_said_not_fatal(tmp_path, monkeypatch, caplog):
+    """NFSv3 without lockd answers flock with ENOLCK: the run goes on, with a warning that a
+    second writer would not be refused, and leaves no lock file behind."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with directory_lock(tmp_path / "out"):
+        pass
+    assert "cannot lock files (No locks available); a second writer" in caplog.text
+    assert not lock_path(tmp_path / "out").exists()
