@@ -209,7 +209,7 @@ class DBPDataModule(L.LightningDataModule):
             self._load_selection()
             if self.reshard:  # every rank writes some of the new shards
                 manifest = reshard(self.shards, self._kept, self.reshard_dir, self._reshard_count(),
-                                   comm=comm)
+                                   comm=comm, stamps=self._stamps)
                 self._train_shards = [s["path"] for s in manifest["shards"]]
                 self._kept_per_shard = {shard_name(s["path"]): s["rows"] for s in manifest["shards"]}
         finally:

@@ -211,3 +211,36 @@ def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["dbp-lightning prune: interrupted; what had finished is kept (every artifact is "
                    "written whole or not at all) and a rerun picks up from it"]
+
+
+def test_a_shard_rewritten_before_resharding_is_named_not_copied(tmp_path, monkeypatch):
+    """A source shard rewritten after setup listed the pool but before the reshard reads it:
+    the reshard stops naming it and writes no manifest, instead of copying other samples."""
+    import os
+
+    from dbp_lightning import cache
+    from dbp_lightning.config import PruneConfig, SelectConfig
+    from dbp_lightning.data.shards import ShardChanged
+    from dbp_lightning.datamodule import DBPDataModule
+    from dbp_lightning.encoders import EncoderConfig
+    from wds_util import write_shards
+
+    shards = write_shards(tmp_path / "wds", n_shards=2, per_shard=6)
+    dm = DBPDataModule(str(tmp_path / "wds"), cache_dir=str(tmp_path / "cache"),
+                       encoder=EncoderConfig(kind="open_clip", model="tiny-clip", modality="image",
+                                             random_init=True),
+                       prune=PruneConfig(stages=["random"], select=SelectConfig(target_fraction=0.5)),
+                       batch_size=2, num_workers=0, embed_batch_size=8, reshard=True)
+    dm.prepare_data()
+    real = cache.ensure_pruned
+
+    def prune_then_rewrite(*args, **kwargs):
+        out = real(*args, **kwargs)
+        st = os.stat(shards[0])
+        os.utime(shards[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # re-downloaded
+        return out
+
+    monkeypatch.setattr(cache, "ensure_pruned", prune_then_rewrite)
+    with pytest.raises(ShardChanged, match=f"shard {shards[0]}: changed since the pool was listed"):
+        dm.setup("fit")
+    assert not (dm.reshard_dir / "reshard.json").exists()

@@ -31,7 +31,7 @@ class Keep(Protocol):
 
 
 def reshard(shards: list[str], keep: Keep, out_dir: str | os.PathLike, n_shards: int,
-            comm=None) -> dict:
+            comm=None, stamps: dict[str, tuple[int, int]] | None = None) -> dict:
     """Copy the samples ``keep`` accepts, in source order, into ``n_shards`` tars
     ``out_dir/pruned-NNNNN.tar``, filled equally (sizes differ by at most one). Each tar is written
     atomically, ``reshard.json`` last; a complete ``out_dir`` is returned as it is.
@@ -40,6 +40,9 @@ def reshard(shards: list[str], keep: Keep, out_dir: str | os.PathLike, n_shards:
         comm: a :mod:`~dbp_lightning.pruning.collective` collective: each rank writes a run
             of consecutive tars in one pass over the source shards their samples come from
             (found from the per-shard kept counts); every rank calls this and gets the manifest.
+        stamps: (bytes, mtime_ns) per source shard path that the shard must still have
+            (:func:`~dbp_lightning.data.shards.shard_stamp`): a shard rewritten since the pool
+            was listed raises :class:`~dbp_lightning.data.shards.ShardChanged` naming it.
 
     Returns:
         the manifest: {"shards": [{"path", "rows"}], "samples": n}.
@@ -54,10 +57,10 @@ def reshard(shards: list[str], keep: Keep, out_dir: str | os.PathLike, n_shards:
         done = np.array([(out / MANIFEST).is_file()])
         if comm.broadcast(done if comm.rank == 0 else None)[0]:
             return json.loads((out / MANIFEST).read_text())
-        return _reshard(shards, keep, out, n_shards, comm)
+        return _reshard(shards, keep, out, n_shards, comm, stamps or {})
 
 
-def _reshard(shards: list[str], keep: Keep, out: Path, n_shards: int, comm) -> dict:
+def _reshard(shards: list[str], keep: Keep, out: Path, n_shards: int, comm, stamps: dict) -> dict:
     per_shard = keep.per_shard()
     kept_before = np.concatenate([[0], np.cumsum([per_shard.get(shard_name(s), 0) for s in shards])])
     total = int(kept_before[-1])
@@ -70,7 +73,8 @@ def _reshard(shards: list[str], keep: Keep, out: Path, n_shards: int, comm) -> d
         # the last source shard whose kept samples begin at or before the run's first sample
         first = int(np.searchsorted(kept_before, starts[lo], side="right")) - 1
         counts = Counter()
-        kept = (sample for shard in shards[first:] for sample in iter_shard(shard, counts)
+        kept = (sample for shard in shards[first:]
+                for sample in iter_shard(shard, counts, stamp=stamps.get(shard))
                 if keep(with_id(sample)))
         kept = itertools.islice(kept, int(starts[lo] - kept_before[first]), None)
         for i in range(lo, hi):  # one pass: each tar takes the next sizes[i] samples
