@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import json
 import logging
 import os
 import platform
@@ -27,24 +28,47 @@ from .pruning.pipeline import PruneResult
 
 log = logging.getLogger(__name__)
 
-#: what a run directory may hold (the files of a run; reshards made from it by DBPDataModule):
-#: a rerun replaces a directory holding only these, and refuses one holding anything else
-RUN_ENTRIES = ("manifest.json", "selection.parquet", "clusters.parquet", "subset.npy",
-               "report.json", "report.html", "dedup_pairs.csv", "plots", "shards-*", ".*")
+#: every path a run directory may hold, relative to it (a run's files, the reshards
+#: DBPDataModule makes from it, their locks, and the temporary files of an atomic write): a
+#: rerun replaces a directory holding only these, and refuses one holding anything else
+RUN_FILES = ("manifest.json", "selection.parquet", "clusters.parquet", "subset.npy",
+             "report.json", "report.html", "dedup_pairs.csv", "plots",
+             "plots/complexity_scatter.png", "plots/quotas.png", "shards-*", "shards-*/pruned-*.tar",
+             "shards-*/reshard.json", ".shards-*.lock", ".*.tmp", "*/.*.tmp")
 
 
 def check_output(out: str | os.PathLike) -> None:
-    """Refuse, before any work, an output that a run may not replace: a file, or a directory
-    holding something that is not part of a prune run (a run swaps the whole directory)."""
+    """Refuse, before any work, an output that a run may not replace (a run swaps the whole
+    directory): a file, a directory holding anything a run does not write (every path checked,
+    hidden ones included), or a ``manifest.json`` that is not a prune run's."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output: {out} is a file, not a run directory")
-    foreign = sorted(p.name for p in out.iterdir()
-                     if not any(fnmatch.fnmatch(p.name, pat) for pat in RUN_ENTRIES)) if out.is_dir() else []
+    if not out.is_dir():
+        return
+    foreign = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                     if not any(_matches(p.relative_to(out).parts, pat) for pat in RUN_FILES))
+    if not foreign and (out / "manifest.json").is_file() and not _is_run_manifest(out / "manifest.json"):
+        foreign = ["manifest.json (not a prune run's)"]
     if foreign:
         raise ValueError(f"output: {out} holds {len(foreign)} entries that are not part of a prune "
                          f"run ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); a "
                          "run replaces its whole directory, so give an empty or new one")
+
+
+def _matches(parts: tuple[str, ...], pattern: str) -> bool:
+    """Whether a relative path matches ``pattern`` component by component (``*`` never
+    crosses a ``/``)."""
+    pat = pattern.split("/")
+    return len(parts) == len(pat) and all(fnmatch.fnmatch(a, b) for a, b in zip(parts, pat))
+
+
+def _is_run_manifest(path: Path) -> bool:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"config", "input", "files"} <= set(manifest)
 
 
 @contextlib.contextmanager

@@ -110,16 +110,39 @@ def test_a_killed_rerun_leaves_the_old_run_or_the_new_one(tmp_path, runs):
     assert _leftovers(tmp_path) == []
 
 
-def test_a_directory_that_is_not_a_run_is_never_replaced(tmp_path, runs, capsys):
+@pytest.mark.parametrize("files", [
+    {"notes.txt": "mine"},
+    {".ssh/id_rsa": "key", ".bashrc": "alias"},  # a home directory: hidden entries count too
+    {"manifest.json": '{"mine": 1}', "plots/my_figure.png": "png"},  # run-like names, not a run
+    {"manifest.json": '{"mine": 1}'},  # a manifest that is not a prune run's
+    {"shards-8/notes.txt": "mine"},  # a name a run uses, holding what a run never writes
+])
+def test_a_directory_that_is_not_a_run_is_never_replaced(tmp_path, runs, capsys, files):
     from dbp_lightning.cli import main
 
-    pool, _ = runs
-    (tmp_path / "notes.txt").write_text("mine")
-    code = main(["prune", "--input", str(pool), "--output", str(tmp_path), "--stages", "[random]",
+    pool, reference = runs
+    out = tmp_path / "out"
+    for name, text in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    code = main(["prune", "--input", str(pool), "--output", str(out), "--stages", "[random]",
                  "--select.target_fraction", "0.5"])
     err = capsys.readouterr().err
-    assert code == 2 and f"output: {tmp_path} holds 1 entries that are not part of a prune run" in err
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert code == 2 and f"output: {out} holds " in err and "not part of a prune run" in err
+    assert {name: (out / name).read_text() for name in files} == files
+
+
+def test_a_run_directory_with_reshards_and_leftovers_is_replaced(tmp_path, runs):
+    """What a run directory holds besides the run (DBPDataModule's reshards, a killed write's
+    temporary file) does not stop a rerun from replacing it."""
+    pool, reference = runs
+    out = tmp_path / "run"
+    assert _prune(pool, out, 0.5).wait() == 0
+    (out / "shards-8").mkdir()
+    (out / "shards-8" / "pruned-00000.tar").write_bytes(b"")
+    (out / ".selection.parquet.abc.tmp").write_bytes(b"")
+    assert _prune(pool, out, 0.3).wait() == 0
+    assert _run(out) == reference[0.3] and not (out / "shards-8").exists()
 
 
 def test_the_lock_names_its_holder_waits_when_asked_and_is_taken_over_when_stale(tmp_path, caplog):
