@@ -117,25 +117,26 @@ def _write_img2dataset_record(path, sidecar: str, successes: int, failures: int 
 @pytest.mark.parametrize("sidecar", ["stats", "parquet", None])
 @pytest.mark.parametrize("damage", ["cut", "corrupt_header"])
 def test_samples_lost_to_damage_are_counted_from_img2dataset_records(tmp_path, sidecar, damage):
-    """A tar cut inside sample 5 of 8, or with a corrupt header at sample 5: samples 0-3 are
-    read (4 is dropped: it may lack members). With img2dataset's stats or parquet beside the
-    tar, lost = 8 - 4; without, only the dropped sample is known and the shard is marked."""
+    """A tar cut inside the first member of sample 5 of 8, or with a corrupt header there:
+    samples 0-4 are read (4 is whole: all its members come before the damage). With
+    img2dataset's stats or parquet beside the tar, lost = 8 - 5; without, only sample 5 is
+    known to be lost and the shard is marked."""
     paths = write_shards(tmp_path / "wds", n_shards=2, per_shard=8)
     (_cut_before if damage == "cut" else _corrupt_header)(paths[1], "000013")
     _write_img2dataset_record(paths[1], sidecar, successes=8)
     errors, notes = Counter(), {}
     samples = list(iter_shard(paths[1], errors, notes))
-    assert [s["__key__"] for s in samples] == [f"{i:06d}" for i in range(8, 12)]
+    assert [s["__key__"] for s in samples] == [f"{i:06d}" for i in range(8, 13)]
     flag = "truncated" if damage == "cut" else "corrupt_header"
     if sidecar:
-        assert errors == {flag: 1, "lost_to_truncation": 4} and notes["expected"] == 8
+        assert errors == {flag: 1, "lost_to_truncation": 3} and notes["expected"] == 8
     else:
         assert errors == {flag: 1, "lost_to_truncation": 1, "lost_to_truncation_unknown": 1}
     assert ("corrupt tar header at byte" if damage == "corrupt_header" else "inside a member") \
         in notes["damage"]
 
     store = embed_shards(paths, tmp_path / "emb", TINY, batch_size=4, num_workers=0)
-    assert len(store) == 12
+    assert len(store) == 13
     entry = store.manifest["shards"][1]
     assert entry["counts"][flag] == 1 and notes["damage"] == entry["damage"]
     from dbp_lightning.embed import skip_summary
@@ -143,7 +144,7 @@ def test_samples_lost_to_damage_are_counted_from_img2dataset_records(tmp_path, s
     line = skip_summary(store.manifest)
     assert f"{flag} 1 (shard-00001)" in line
     if sidecar:
-        assert "lost_to_truncation 4 (shard-00001)" in line and "unknown" not in line
+        assert "lost_to_truncation 3 (shard-00001)" in line and "unknown" not in line
     else:
         assert ("lost_to_truncation 1 (shard-00001; samples after the cut unknown in shard-00001: "
                 "no img2dataset stats beside the tar)") in line
@@ -157,7 +158,9 @@ def test_a_corrupt_header_used_to_end_the_shard_silently(tmp_path):
     seen = [s["__key__"] for s in wds.WebDataset(paths[0], shardshuffle=False, empty_check=False)]
     assert seen == [f"{i:06d}" for i in range(5)]  # silently short
     errors = Counter()
-    assert len(list(iter_shard(paths[0], errors))) == 4 and errors["corrupt_header"] == 1
+    # sample 4 is whole (its members all precede the damage); what lies there began sample 5
+    assert len(list(iter_shard(paths[0], errors))) == 5 and errors["corrupt_header"] == 1
+    assert errors["lost_to_truncation"] == 1 and errors["lost_to_truncation_unknown"] == 1
 
 
 # ---------------------------------------------------------------- members out of place
@@ -404,3 +407,30 @@ def test_the_datamodule_skips_bad_shards_when_asked_and_streams_what_the_store_h
     given.setup("fit")
     seen = [i for batch in given.train_dataloader() for i in batch[2]]
     assert sorted(seen) == sorted(_kept(given)) and 0 < len(seen) < 14
+
+
+def _member_cut(path, name: str, into: int) -> None:
+    """Truncate the tar ``into`` bytes after the start of member ``name``'s header."""
+    offset = next(o for n, o in _member_offsets(path) if n == name)
+    Path(path).write_bytes(Path(path).read_bytes()[: offset + into])
+
+
+@pytest.mark.parametrize("where, read, lost, flag", [
+    # inside the data of the second member of sample 5: sample 5 was being read, it is dropped
+    ("000005.json", 100 + 512, 1, "truncated"),
+    # exactly between samples 4 and 5: nothing was being read, sample 4 is whole
+    ("000005.jpg", 0, 0, "truncated"),
+    # inside sample 5's first header: no name to tell, sample 4 has every member 3 had; what
+    # lies at the cut began sample 5
+    ("000005.jpg", 200, 1, "truncated"),
+])
+def test_a_whole_sample_before_the_damage_is_kept(tmp_path, where, read, lost, flag):
+    """Only a sample the damage may have cut is dropped (a fresh-user walkthrough found the
+    whole sample before a cut dropped too)."""
+    paths = write_shards(tmp_path / "wds", n_shards=1, per_shard=8)
+    _member_cut(paths[0], where, read)
+    errors, notes = Counter(), {}
+    keys = [s["__key__"] for s in iter_shard(paths[0], errors, notes)]
+    assert keys == [f"{i:06d}" for i in range(5)]
+    assert errors[flag] == 1 and errors["lost_to_truncation"] == lost
+    assert errors["lost_to_truncation_unknown"] == 1

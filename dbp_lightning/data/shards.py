@@ -232,7 +232,9 @@ def _zeros_to_end(read) -> bool:
 def _tar_members(path: str, stream, damage: dict) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of the regular members of an open tar, as webdataset's
     ``tar_file_iterator`` gives them. When reading stops before the archive's end, ``damage``
-    gets ``kind`` ("truncated" or "corrupt_header") and ``why``.
+    gets ``kind`` ("truncated" or "corrupt_header"), ``why``, ``member`` (the name of the member
+    whose data was being read, when tarfile had read its header) and ``partial`` (a member, or
+    part of one, lies where reading stopped: a sample was cut there).
 
     Python's tarfile stops without an error at a header that does not check out after the
     first; what follows the place it stopped tells a clean end (zeros only) from damage."""
@@ -243,7 +245,9 @@ def _tar_members(path: str, stream, damage: dict) -> Iterator[tuple[str, bytes]]
             plain = getattr(tar.fileobj, "comptype", "tar") == "tar"
             for info in tar:
                 if info.isreg() and not _META.match(info.name):
+                    damage["member"] = info.name  # the member being read, should reading fail
                     data = tar.extractfile(info).read()
+                    del damage["member"]
                     yield info.name, data
                 tar.members = []  # a stream's member list would grow with the shard
             stop = tar.offset  # the header tarfile stopped at (uncompressed position)
@@ -252,17 +256,20 @@ def _tar_members(path: str, stream, damage: dict) -> Iterator[tuple[str, bytes]]
                     damage.update(kind="truncated", why=f"the compressed tar ends at uncompressed "
                                   f"byte {stop:,} between members, without its end-of-archive blocks")
                 elif not _zeros_to_end(tar.fileobj.read):
-                    damage.update(kind="corrupt_header", why=f"a corrupt tar header at "
+                    damage.update(kind="corrupt_header", partial=True, why=f"a corrupt tar header at "
                                   f"uncompressed byte {stop:,}; nothing after it is read")
                 return
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
         where = f"at byte {size:,} " if plain else ""
-        damage.update(kind="truncated", why=f"the tar ends {where}inside a member ({exc})")
+        damage.update(kind="truncated", partial=True, why=f"the tar ends {where}inside a member ({exc})")
         return
     stream.seek(stop)  # a plain tar: its offsets are the file's
     head = stream.read(tarfile.BLOCKSIZE)
-    if head.count(0) != len(head):
-        damage.update(kind="corrupt_header",
+    if 0 < len(head) < tarfile.BLOCKSIZE:
+        damage.update(kind="truncated", partial=True,
+                      why=f"the tar ends at byte {size:,} inside a member's header")
+    elif head.count(0) != len(head):
+        damage.update(kind="corrupt_header", partial=True,
                       why=f"a corrupt tar header at byte {stop:,}; nothing after it is read")
     elif not _zeros_to_end(stream.read):  # the archive ended whole: its last sample did too
         damage.update(kind="corrupt_header", ended=True,
@@ -285,6 +292,7 @@ class _Grouper:
         self.held_bytes = 0
         self.given: set[str] = set()  # keys of samples given out (this shard's keys only)
         self.noted: set[tuple[str, str]] = set()
+        self.last_members: set[str] | None = None  # extensions of the last sample given out
         self.count = 0
 
     def note(self, cause: str, key: str) -> None:
@@ -335,10 +343,23 @@ class _Grouper:
             while self.held_bytes > HOLD_BYTES and len(self.held) > 1:
                 yield self._give(self._unhold(next(iter(self.held))))
 
-    def drop_current(self) -> int:
-        """Drop the sample open when reading stopped (it may lack members); 1 if there was one."""
-        dropped, self.current = self.current is not None, None
-        return int(dropped)
+    def settle_current(self, failed_member: str | None) -> int:
+        """At damage: drop the sample open when reading stopped if the damage may have cut it
+        short; 1 if dropped. It is whole when the member being read as reading failed belongs
+        to the next sample; with no name to tell (a damaged header), when it has every member
+        the sample before it had."""
+        current = self.current
+        if current is None:
+            return 0
+        if failed_member is not None:
+            match = _KEY_EXT.match(failed_member)
+            whole = match is not None and match.group(1) != current["__key__"]
+        else:
+            whole = self.last_members is not None and _members(current) >= self.last_members
+        if whole:
+            return 0
+        self.current = None
+        return 1
 
     def release(self) -> Iterator[dict]:
         """The samples still held (each lacks an image or a caption), in tar order."""
@@ -351,9 +372,15 @@ class _Grouper:
         return sample
 
     def _give(self, sample: dict) -> dict:
+        self.last_members = _members(sample)
         self.given.add(sample["__key__"])
         self.count += 1
         return sample
+
+
+def _members(sample: dict) -> set[str]:
+    """What a sample holds, an image of any format counted alike (samples mix jpg and png)."""
+    return {"image" if k in IMAGE_EXTENSIONS else k for k in sample if not k.startswith("__")}
 
 
 def _size(sample: dict) -> int:
@@ -368,11 +395,13 @@ def iter_shard(path: str, errors: Counter, notes: dict | None = None,
     in ``errors`` (and described in ``notes``) instead of stopping the run:
 
     - damage (the file is cut short, or a member header is corrupt): reading stops there; the
-      samples before it are yielded except the one being read (it may lack members).
+      samples before it are yielded, the one it cut short is dropped: the one whose member was
+      being read, or, when a damaged header hides the name, the open sample if it lacks a
+      member the sample before it had (a whole sample before the damage is kept).
       ``errors["truncated"]`` or ``errors["corrupt_header"]`` is 1 and ``notes["damage"]``
       says where. ``errors["lost_to_truncation"]`` counts the samples lost: with img2dataset's
       ``NNNNN_stats.json`` or ``NNNNN.parquet`` beside the tar, the samples it wrote minus those
-      read; without, only the sample being read, and ``errors["lost_to_truncation_unknown"]``
+      read; without, only the sample known to be cut, and ``errors["lost_to_truncation_unknown"]``
       is 1 (how many samples followed the damage is not known).
     - members of one key that are not adjacent (``a.jpg b.jpg a.txt``): webdataset would give
       ``a`` twice, each half unusable; here a sample missing its image or caption is held back
@@ -403,7 +432,12 @@ def iter_shard(path: str, errors: Counter, notes: dict | None = None,
         samples = _Grouper(path, errors, notes)
         for name, data in _tar_members(path, stream, damage):
             yield from samples.add(name, data)
-        dropped = samples.drop_current() if damage and not damage.get("ended") else 0
+        dropped = 0  # samples known to be lost to the damage
+        if damage and not damage.get("ended"):
+            failed = damage.get("member")
+            dropped = samples.settle_current(failed)
+            if damage.get("partial") and not dropped:  # what was there began the next sample
+                dropped = 1
         yield from samples.close_current()
         yield from samples.release()
     if damage:
