@@ -120,7 +120,18 @@ def write_json(path: str | os.PathLike, obj) -> None:
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, array)
+            try:
+                np.save(f, array)
+            except OSError as exc:
+                if exc.errno is not None:
+                    raise
+                # NumPy's fwrite reports a short write ("N requested and M written") with no
+                # errno: say what it was, a full disk when the file system has no room left
+                st = os.statvfs(tmp.parent)
+                full = st.f_bavail * st.f_frsize < array.nbytes
+                raise OSError(errno.ENOSPC if full else errno.EIO,
+                              f"{os.strerror(errno.ENOSPC if full else errno.EIO)} ({exc})",
+                              str(tmp)) from exc
 
 
 def write_parquet(path: str | os.PathLike, table) -> None:

@@ -314,6 +314,20 @@ def lightning_cli(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback, the shell's code for SIGINT
+        _say(f"dbp-lightning {argv[0] if argv else ''}: interrupted; what had finished is kept "
+             "(every artifact is written whole or not at all) and a rerun picks up from it")
+        return 130
+
+
+def _say(line: str) -> None:
+    """One line on stderr, on a line of its own even after a progress bar's carriage return."""
+    print(("\n" if sys.stderr.isatty() else "") + line, file=sys.stderr)
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] in ("fit", "validate"):
         return lightning_cli(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -359,24 +373,19 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.command == "data" and cfg.data.kind == "demo":
             return run_demo_data(parser.instantiate(cfg).data.demo)
     except DirectoryBusy as exc:  # another live process writes the same output
-        print(f"dbp-lightning {cfg.command}: error: {exc}", file=sys.stderr)
+        _say(f"dbp-lightning {cfg.command}: error: {exc}")
         return 1
     except ValueError as exc:  # bad input: one clear line, no traceback
-        print(f"dbp-lightning {cfg.command}: error: {exc}", file=sys.stderr)
+        _say(f"dbp-lightning {cfg.command}: error: {exc}")
         return 2
     except OSError as exc:  # a full disk, a read-only or vanished directory: one line too
         if exc.errno == errno.ENOSPC:
             what = f"disk full while writing {exc.filename or 'the output'} ({exc.strerror})"
         else:
             what = f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
-        print(f"dbp-lightning {cfg.command}: error: {what}; nothing partial was left under a "
-              "final name", file=sys.stderr)
+        _say(f"dbp-lightning {cfg.command}: error: {what}; nothing partial was left under a "
+             "final name")
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback, the shell's code for SIGINT
-        print(f"dbp-lightning {cfg.command}: interrupted; what had finished is kept (every "
-              "artifact is written whole or not at all) and a rerun picks up from it",
-              file=sys.stderr)
-        return 130
     parser.print_help()
     return 1
 

@@ -244,3 +244,29 @@ def test_a_shard_rewritten_before_resharding_is_named_not_copied(tmp_path, monke
     with pytest.raises(ShardChanged, match=f"shard {shards[0]}: changed since the pool was listed"):
         dm.setup("fit")
     assert not (dm.reshard_dir / "reshard.json").exists()
+
+
+def test_a_short_write_of_an_npy_on_a_full_disk_says_disk_full(tmp_path, monkeypatch):
+    """NumPy reports a short write with no errno ("1600 requested and 248 written"): on a file
+    system with no room left it is named a full disk, on the final file's name, and leaves no
+    file."""
+    import errno
+    import os
+    from collections import namedtuple
+
+    import numpy as np
+
+    from dbp_lightning.atomic import write_npy
+
+    def short_write(f, array):
+        f.write(b"\x93NUMPY")
+        raise OSError("1600 requested and 248 written")
+
+    full = namedtuple("statvfs", "f_bavail f_frsize")(0, 4096)
+    monkeypatch.setattr(np, "save", short_write)
+    monkeypatch.setattr(os, "statvfs", lambda path: full)
+    with pytest.raises(OSError) as exc:
+        write_npy(tmp_path / "subset.npy", np.zeros(1600, np.uint8))
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename == str(tmp_path / "subset.npy")
+    assert "1600 requested and 248 written" in str(exc.value)
+    assert list(tmp_path.iterdir()) == []
