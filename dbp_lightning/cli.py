@@ -3,6 +3,7 @@
 Subcommands:
     fit, validate    LightningCLI: CLIPModule on DBPDataModule (configs/fit/*.yaml)
     embed            embed WebDataset shards into an embedding store (resumable)
+    import           DataComp / LAION / NeMo embeddings that cannot be mapped -> a store (resumable)
     eval             zero-shot evaluation of a checkpoint on ImageNet / DataComp tasks
     prune            run the pruning stages on an embedding store (YAML config + flags)
     compare          one model per subset (full, random, SSP, DBP, ...) at an equal budget
@@ -66,6 +67,22 @@ def _embed_parser() -> ArgumentParser:
 
 #: ``dbp-lightning embed``'s exit status when the store is complete but shards were left out
 EXIT_SHARDS_SKIPPED = 3
+
+
+def _import_parser() -> ArgumentParser:
+    p = ArgumentParser(description="Import a pool that prune cannot memory-map where it lies "
+                       "(compressed DataComp .npz, NeMo Curator parquet, two arrays joined) into an "
+                       "embedding store, part by part; a rerun resumes. Then: prune --input STORE.")
+    p.add_argument("--input", type=str, required=True, help="DataComp, clip-retrieval/LAION or NeMo directory")
+    p.add_argument("--out", type=str, required=True, help="store directory to write")
+    p.add_argument("--input_format", type=str, default="auto", help="auto, datacomp, clip_retrieval or nemo")
+    p.add_argument("--array", type=Optional[str], default=None,
+                   help="DataComp l14_img (default), l14_txt, b32_img, b32_txt; clip-retrieval img "
+                   "(default), txt; NeMo the list column (default embedding); a+b joins two")
+    p.add_argument("--id_column", type=Optional[str], default=None,
+                   help="column identifying a sample (default: uid, else the layout's key, else the row)")
+    p.add_argument("--dtype", type=str, default="float16", help="float16 or float32")
+    return p
 
 
 def _eval_parser() -> ArgumentParser:
@@ -135,6 +152,7 @@ def build_parser() -> ArgumentParser:
                             exit_on_error=False)
     commands = parser.add_subcommands(dest="command")
     commands.add_subcommand("embed", _embed_parser(), help="embed shards into an embedding store")
+    commands.add_subcommand("import", _import_parser(), help="import DataComp/LAION/NeMo embeddings into a store")
     commands.add_subcommand("prune", _prune_parser(), help="prune a pool into a run directory")
     commands.add_subcommand("eval", _eval_parser(), help="zero-shot evaluation")
     commands.add_subcommand("compare", _compare_parser(), help="compare subsets at an equal budget")
@@ -158,25 +176,30 @@ def prune_config(parser: ArgumentParser, cfg) -> PruneConfig:
 
 
 def run_prune(config: PruneConfig) -> int:
+    from .data.pools import open_input
     from .distributed import collective_from_environment
-    from .pruning.pipeline import load_input, prune
+    from .pruning.embeddings import as_embeddings
+    from .pruning.pipeline import prune
     from .rundir import claim_output, write_run
 
     config.validate()
     if not config.input:
-        raise ValueError("input: give an embedding store directory or a .npy file")
+        raise ValueError("input: give the pool: an embedding store, a .npy, or a DataComp, "
+                         "clip-retrieval/LAION or NeMo Curator directory")
     comm = collective_from_environment()  # several processes under torchrun or srun
     if comm.rank != 0:  # one rank tells the story
         logging.getLogger("dbp_lightning").setLevel(logging.WARNING)
     try:
         # rank 0 writes: it holds the output from before the work, and every rank learns if it can't
         with claim_output(config.output, comm=comm):
-            emb, metadata, input_id = load_input(config, comm)
-            result = prune(emb, config, metadata=metadata, progress=comm.rank == 0, comm=comm)
+            pool = open_input(config)
+            emb = as_embeddings(pool.embeddings, name=config.input, comm=comm)
+            result = prune(emb, config, metadata=pool.metadata, progress=comm.rank == 0, comm=comm)
             if comm.rank != 0:  # every rank holds the same result; one writes it
                 return 0
-            out = write_run(result, config.output, config.to_dict(), input_id,
-                            shards=_source_shards(config.input))
+            out = write_run(result, config.output, config.to_dict(), pool.fingerprint,
+                            shards=_source_shards(config.input) if pool.layout == "store" else None,
+                            pool=pool)
     finally:
         comm.close()
     print(f"{'stage':<12}{'in':>12}{'out':>12}{'seconds':>10}")
@@ -216,6 +239,18 @@ def run_embed(args) -> int:
     if left_out:
         print(left_out)
         return EXIT_SHARDS_SKIPPED
+    return 0
+
+
+def run_import(args) -> int:
+    from .data.importer import import_pool
+
+    store = import_pool(args.input, args.out, args.input_format, args.array, args.id_column,
+                        args.dtype)
+    counts = store.manifest.get("counts", {})
+    left = counts.get("degenerate_embedding", 0)
+    print(f"imported {len(store):,} of {counts.get('read', len(store)):,} rows ({store.dim}-d "
+          f"{args.dtype}{f'; {left:,} all-zero or non-finite left out' if left else ''}) -> {args.out}")
     return 0
 
 
@@ -366,6 +401,8 @@ def _main(argv: list[str]) -> int:
             return 0
         if cfg.command == "eval":
             return run_eval(cfg.eval)
+        if cfg.command == "import":
+            return run_import(cfg["import"])
         if cfg.command == "embed":
             return run_embed(parser.instantiate(cfg).embed)
         if cfg.command == "data" and cfg.data.kind == "synthetic":

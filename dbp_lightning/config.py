@@ -59,7 +59,10 @@ class SelectConfig:
 class PruneConfig:
     """A prune run: the input, the stages in order, and each stage's options."""
 
-    input: str = ""                          #: embedding store directory, or a (N, d) .npy file
+    input: str = ""                          #: the pool: a store, a .npy, a DataComp, clip-retrieval/LAION or NeMo directory
+    input_format: str = "auto"               #: auto, store, npy, datacomp, clip_retrieval or nemo
+    array: Optional[str] = None              #: which embeddings: DataComp l14_img (default), l14_txt, b32_img, b32_txt; clip-retrieval img, txt
+    id_column: Optional[str] = None          #: metadata column identifying a sample (default: uid, else the layout's key, else the row)
     metadata: Optional[str] = None           #: for a .npy input: parquet with key[, uid, scores]
     output: str = "runs/prune"               #: run directory to write
     stages: list[str] = field(default_factory=lambda: ["semdedup", "dbp"])

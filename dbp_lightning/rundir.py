@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 RUN_FILES = ("manifest.json", "selection.parquet", "clusters.parquet", "subset.npy",
              "report.json", "report.html", "dedup_pairs.csv", "plots",
              "plots/complexity_scatter.png", "plots/quotas.png", "shards-*", "shards-*/pruned-*.tar",
-             "shards-*/reshard.json", ".shards-*.lock", ".*.tmp", "*/.*.tmp")
+             "shards-*/reshard.json", ".shards-*.lock", "kept_metadata", "kept_metadata/part-*.parquet",
+             ".*.tmp", "*/.*.tmp")
 
 
 def check_output(out: str | os.PathLike) -> None:
@@ -93,17 +94,43 @@ def claim_output(out: str | os.PathLike, wait: float = 0.0, comm=None):
         yield Path(out)
 
 
-def datacomp_subset(uids) -> np.ndarray | None:
-    """DataComp's subset format: sorted structured array dtype ``u8,u8`` of 128-bit hex uids;
-    None when some uid is not 32 hex digits (not a DataComp pool)."""
-    out = np.empty(len(uids), np.dtype("u8,u8"))
-    for i, uid in enumerate(uids):
-        try:
-            if len(uid) != 32:
-                return None
-            out[i] = (int(uid[:16], 16), int(uid[16:], 16))
-        except (ValueError, TypeError):
+#: ASCII -> nibble for hex digits (both cases); 255 for anything else
+_HEX = np.full(256, 255, np.uint8)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def datacomp_subset(uids, chunk: int = 1 << 20) -> np.ndarray | None:
+    """DataComp's subset format: sorted structured array dtype ``u8,u8`` of 128-bit hex uids
+    (the high and low 64 bits, as ``divmod(int(uid, 16), 2**64)``); None when some uid is not
+    32 hex digits (not a DataComp pool).
+
+    ``uids``: an Arrow string array or a list. Decoded in chunks with NumPy, no Python object per
+    uid (10^8 kept uids: 1.6 GB out, ~32 MB of work space).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    uids = pa.chunked_array([pa.array(uids, pa.string())]) if isinstance(uids, list) else uids
+    uids = pa.chunked_array([uids]) if isinstance(uids, pa.Array) else uids
+    n = len(uids)
+    if n and (uids.null_count or pc.min(pc.utf8_length(uids)).as_py() != 32
+              or pc.max(pc.utf8_length(uids)).as_py() != 32):
+        return None
+    out = np.empty(n, np.dtype("u8,u8"))
+    shifts = np.arange(60, -4, -4, dtype=np.uint64)
+    for start in range(0, n, chunk):
+        part = uids.slice(start, chunk).combine_chunks().cast(pa.binary(32))
+        digits = np.frombuffer(part.buffers()[1], np.uint8, count=32 * len(part),
+                               offset=part.offset * 32).reshape(-1, 32)
+        nibbles = _HEX[digits]
+        if (nibbles == 255).any():
             return None
+        words = nibbles.astype(np.uint64).reshape(-1, 2, 16) << shifts
+        both = np.bitwise_or.reduce(words, axis=2)
+        out["f0"][start : start + len(part)] = both[:, 0]
+        out["f1"][start : start + len(part)] = both[:, 1]
     return np.sort(out)
 
 
@@ -118,16 +145,20 @@ def versions() -> dict:
 
 
 def write_run(result: PruneResult, out_dir: str | os.PathLike, config: dict,
-              input_id: str, shards=None) -> Path:
+              input_id: str, shards=None, pool=None) -> Path:
     """Write selection.parquet, clusters.parquet, subset.npy, plots, report.json, manifest.json
     and, given the pool's ``shards``, report.html, then swap them in as ``out_dir`` whole.
 
     Hold ``out_dir``'s lock (:func:`claim_output`) from before the work that made ``result``.
-    A run directory with a manifest is complete.
+    A run directory with a manifest is complete. Given the :class:`~dbp_lightning.data.pools.Pool`
+    it pruned, the kept rows of its metadata files go to ``kept_metadata/`` (see
+    :func:`write_kept_metadata`) and the manifest names its layout.
     """
     final = Path(out_dir)
     with atomic_dir(final) as out:
-        _write_files(result, out, config, input_id)
+        files = write_kept_metadata(out, pool.sources, result.kept) if pool is not None else []
+        _write_files(result, out, config, input_id, files,
+                     {"layout": pool.layout} if pool is not None else {})
         if shards:  # an embedded pool: the curator's report can show the pictures
             from .report import write_report
 
@@ -140,16 +171,40 @@ def write_run(result: PruneResult, out_dir: str | os.PathLike, config: dict,
     return final
 
 
-def _write_files(result: PruneResult, out: Path, config: dict, input_id: str) -> None:
+def write_kept_metadata(out: Path, sources: list[tuple[str, int]], kept: np.ndarray) -> list[str]:
+    """Write the kept rows of each source metadata file, every column, to
+    ``out/kept_metadata/part-NNNNN.parquet`` (one per source file with a kept row, in pool
+    order), one file in memory at a time: a list img2dataset downloads directly
+    (``--input_format parquet --url_col url --caption_col text``). Returns the paths written,
+    relative to ``out``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    written, start = [], 0
+    for i, (path, rows) in enumerate(sources):
+        mask = kept[start : start + rows]
+        start += rows
+        if mask.any():
+            table = pq.read_table(path)
+            name = f"kept_metadata/part-{i:05d}.parquet"
+            write_parquet(out / name, table.filter(pa.array(mask)))
+            written.append(name)
+    if start != len(kept) and sources:
+        raise ValueError(f"the pool's metadata files hold {start} rows, the selection {len(kept)}")
+    return written
+
+
+def _write_files(result: PruneResult, out: Path, config: dict, input_id: str,
+                 extra_files: list[str], extra: dict) -> None:
     report = dict(result.report)
     subset = None
     if "uid" in result.selection.column_names:
         subset = datacomp_subset(result.selection.filter(result.selection.column("kept"))
-                                 .column("uid").to_pylist())
+                                 .column("uid"))
     if subset is None:
         report["subset_npy"] = "not written: the uids are not DataComp's 32 hex digits"
     write_parquet(out / "selection.parquet", result.selection)
-    files = ["selection.parquet"]
+    files = ["selection.parquet", *extra_files]
     if subset is not None:
         write_npy(out / "subset.npy", subset)
         files.append("subset.npy")
@@ -163,5 +218,5 @@ def _write_files(result: PruneResult, out: Path, config: dict, input_id: str) ->
             plots.quota_profile(result.clusters, target, out / "plots" / "quotas.png")
             files += ["plots/complexity_scatter.png", "plots/quotas.png"]
     write_json(out / "report.json", report)
-    write_json(out / "manifest.json", {"config": config, "input": input_id,
+    write_json(out / "manifest.json", {"config": config, "input": input_id, **extra,
                                        "versions": versions(), "files": files + ["report.json"]})

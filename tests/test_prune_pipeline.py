@@ -229,7 +229,7 @@ def test_prune_on_an_array_needs_no_input_and_the_command_does(rng, capsys):
     assert result.report["kept"] == 50 and int(result.kept.sum()) == 50
     assert main(["prune", "--stages", "[random]", "--select.target_size", "50",
                  "--select.target_fraction", "null"]) == 2
-    assert "input: give an embedding store directory or a .npy file" in capsys.readouterr().err
+    assert "input: give the pool: an embedding store, a .npy, or a DataComp" in capsys.readouterr().err
 
 
 def test_identity_is_the_uid_when_keys_repeat_across_shards(rng):

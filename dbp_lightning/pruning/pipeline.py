@@ -10,16 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ..config import SELECTORS, PruneConfig
 from ..memory import peak_rss_mb
-from ..store import EmbeddingStore, ShardedArray
+from ..store import EmbeddingStore
 from .clip_score import clip_score_filter
 from .collective import Local
 from .complexity import cluster_complexity
@@ -61,38 +59,6 @@ class PruneResult:
     def kept(self) -> np.ndarray:
         """bool (N,) final keep mask."""
         return self.selection.column("kept").to_numpy(zero_copy_only=False)
-
-
-def load_input(config: PruneConfig, comm=None) -> tuple[Embeddings, pa.Table, str]:
-    """Open ``config.input`` (a store directory or a .npy file) as (embeddings, metadata, id).
-
-    The embeddings are validated in one pass, split over ``comm``'s ranks when given.
-    """
-    path = Path(config.input)
-    if path.is_dir():
-        store = EmbeddingStore(path)
-        return (as_embeddings(store.embeddings, name=str(path), comm=comm), store.metadata(),
-                store.fingerprint())
-    if path.suffix != ".npy" or not path.is_file():
-        raise ValueError(f"input: {path} is neither an embedding store directory nor a .npy file")
-    try:
-        x = np.load(path, mmap_mode="r")
-    except ValueError as exc:
-        raise ValueError(f"input: {path}: unreadable .npy ({exc})") from exc
-    if x.ndim == 2:
-        x = ShardedArray([x])  # reads that drop their pages: see ShardedArray._account
-    if config.metadata:
-        if not Path(config.metadata).is_file():
-            raise ValueError(f"metadata: no file {config.metadata}")
-        table = pq.read_table(config.metadata)
-        if table.num_rows != len(x):
-            raise ValueError(f"metadata: {config.metadata} has {table.num_rows} rows, "
-                             f"{path} has {len(x)}")
-    else:
-        table = pa.table({"key": pa.array(np.arange(len(x))).cast(pa.string())})
-    st = path.stat()
-    return (as_embeddings(x, name=str(path), comm=comm), table,
-            f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}")
 
 
 def _check_against_data(config: PruneConfig, n: int, metadata: pa.Table) -> None:
