@@ -301,16 +301,15 @@ def test_embed_refuses_an_encoder_with_no_weights_before_reading_any_shard(tmp_p
 
 
 def test_a_store_with_weights_keeps_its_key_and_is_reused_without_embedding_again(tmp_path, monkeypatch):
-    """random_init changes no existing store: a config with weights hashes to the key the code
-    before the field computed (five fields, no random_init), embed.json and the manifest record
-    the encoder as before, and the same config reruns on the store without embedding a shard."""
+    """random_init changes no existing store: a config with weights is keyed without the field
+    (its five fields, the checkpoint by content), embed.json and the manifest record the encoder
+    as before, and the same config reruns on the store without embedding a shard."""
     import os
 
     import torch
 
     from dbp_lightning import cache, embed
     from dbp_lightning.encoders import build_encoder
-    from dbp_lightning.rundir import versions
 
     paths = write_shards(tmp_path / "wds", n_shards=2, per_shard=4)
     weights = tmp_path / "tiny.pt"
@@ -318,11 +317,10 @@ def test_a_store_with_weights_keeps_its_key_and_is_reused_without_embedding_agai
     encoder = EncoderConfig(kind="open_clip", model="tiny-clip", checkpoint=str(weights))
     before = {"kind": "open_clip", "model": "tiny-clip", "checkpoint": str(weights), "modality": "image",
               "image_size": None}  # vars(EncoderConfig) before random_init existed
-    old_key = cache.digest({"shards": cache.shards_fingerprint(paths), "encoder": before,
-                            "versions": versions(), "dtype": "float16",
-                            "files": [cache._file_stamp(str(weights)), cache._file_stamp("tiny-clip")]})
+    key = cache.store_key(paths, encoder, "float16")
+    assert key["encoder"] == {**before, "checkpoint": cache.file_identity(weights)}
     out = cache.store_dir(tmp_path / "cache", paths, encoder, "float16")
-    assert out.name == f"embeddings-{old_key}"
+    assert out.name == f"embeddings-{cache.digest(key)}"
     assert cache.ensure_store(tmp_path / "cache", paths, encoder, num_workers=0) == out
     assert json.loads((out / "embed.json").read_text())["encoder"] == before
     assert json.loads((out / "manifest.json").read_text())["encoder"] == before

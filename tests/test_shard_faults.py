@@ -6,6 +6,7 @@ second is embedded, and a shard that changes under DBPDataModule named instead o
 import io
 import json
 import os
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -352,17 +353,33 @@ def test_a_shard_that_changes_after_setup_is_named_when_it_is_streamed(tmp_path)
 
 def test_a_shard_that_changed_since_it_was_embedded_is_named_at_setup(tmp_path):
     """Between prepare_data (which embeds) and setup, or after `dbp-lightning embed` wrote the
-    store a DataModule is given: setup names the shard, before pruning or streaming anything."""
+    store a DataModule is given: setup names a shard of another size, before pruning or streaming
+    anything. A shard whose mtime alone changed (a copy, a touch) is taken as the same file."""
     write_shards(tmp_path / "wds", n_shards=2, per_shard=6)
     dm = _dm(tmp_path)
     dm.prepare_data()
     shard = tmp_path / "wds" / "shard-00001.tar"
     st = shard.stat()
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    dm.setup("fit")  # the same size: the same file
+    assert len([i for batch in dm.train_dataloader() for i in batch[2]]) == round(0.6 * 12)
+    with open(shard, "ab") as f:
+        f.write(bytes(1024))
+    again = _dm(tmp_path, store=str(dm.store_dir))
     with pytest.raises(RuntimeError, match=r"shard .*shard-00001\.tar: changed since it was embedded into "
-                                           r".*embeddings-.* mtime_ns .*; embed it again"):
+                                           r".*embeddings-.* \(.* bytes then, .* now\); embed it again"):
+        again.setup("fit")
+    shutil.rmtree(tmp_path / "cache")
+    dm = _dm(tmp_path)
+    dm.prepare_data()
+    with open(shard, "ab") as f:
+        f.write(bytes(1024))
+    with pytest.raises(RuntimeError, match=r"shard .*shard-00001\.tar: changed since it was embedded into "
+                                           r".*embeddings-.* \(.* bytes then, .* now\); embed it again"):
         dm.setup("fit")
     assert not list((tmp_path / "cache").glob("prune-*"))  # nothing pruned
+    with pytest.raises(RuntimeError, match=r"setup: no embedding store at .*; call prepare_data\(\) first"):
+        _dm(tmp_path).setup("fit")  # the cache is keyed by the shards' sizes: another entry
     embed_shards(str(tmp_path / "wds"), tmp_path / "emb", dm.encoder, batch_size=4, num_workers=0)
     with open(shard, "ab") as f:
         f.write(bytes(1024))
