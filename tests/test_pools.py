@@ -148,3 +148,42 @@ def test_an_unrecognised_directory_names_the_layouts(tmp_path, capsys):
                  "--stages", "[random]", "--select.target_fraction", "0.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is none of the layouts prune reads: an embedding store" in err[0]
+
+
+def test_two_arrays_joined_are_imported_unit_norm_and_halves_alike(tmp_path, capsys):
+    x, meta = _pool("float32")
+    _write_datacomp(tmp_path / "dc", x, meta, compressed=False)
+    argv = ["prune", "--input", str(tmp_path / "dc"), "--array", "l14_img+b32_img",
+            "--output", str(tmp_path / "run"), "--stages", "[random]", "--select.target_fraction", "0.5"]
+    assert main(argv) == 2 and "array 'l14_img+b32_img' joins two arrays" in capsys.readouterr().err
+    assert main(["import", "--input", str(tmp_path / "dc"), "--array", "l14_img+b32_img",
+                 "--out", str(tmp_path / "store"), "--dtype", "float32"]) == 0
+    from dbp_lightning.store import EmbeddingStore
+
+    store = EmbeddingStore(tmp_path / "store")
+    joined = store.embeddings[:]
+    other = np.random.default_rng(1).standard_normal((N, 8)).astype(np.float32)
+    expect = np.concatenate([x / np.linalg.norm(x, axis=1, keepdims=True),
+                             other / np.linalg.norm(other, axis=1, keepdims=True)], axis=1) / np.sqrt(2)
+    assert joined.shape == (N, D + 8) and np.allclose(joined, expect, atol=1e-6)
+    assert np.allclose(np.linalg.norm(joined, axis=1), 1, atol=1e-5)
+    assert store.metadata(["key"]).column("key").to_pylist() == meta.column("uid").to_pylist()
+
+
+def test_clip_retrieval_parts_go_in_number_order_and_holes_are_named(tmp_path, capsys):
+    from dbp_lightning.data.pools import open_pool
+
+    root = tmp_path / "laion"
+    for folder in ("img_emb", "metadata"):
+        (root / folder).mkdir(parents=True)
+    rows = {2: 3, 10: 4}  # "10" sorts before "2" as text
+    for n, r in rows.items():
+        np.save(root / "img_emb" / f"img_emb_{n}.npy", np.full((r, 4), n, np.float16))
+        pq.write_table(pa.table({"key": [f"{n}-{i}" for i in range(r)]}),
+                       root / "metadata" / f"metadata_{n:04d}.parquet")
+    pool = open_pool(root)
+    assert pool.metadata.column("key").to_pylist()[:4] == ["2-0", "2-1", "2-2", "10-0"]
+    assert pool.embeddings[:][:, 0].tolist() == [2] * 3 + [10] * 4
+    (root / "metadata" / "metadata_0010.parquet").unlink()
+    with pytest.raises(ValueError, match="part 10 is in the embeddings or the metadata, not both"):
+        open_pool(root)
