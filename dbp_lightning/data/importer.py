@@ -35,10 +35,7 @@ def _parts(path: Path, layout: str, array: str) -> list[dict]:
     """Each part as {name, meta (parquet or None), files (sources), rows, load() -> (emb, table)}."""
     names = array.split("+")
     if layout == "datacomp":
-        bad = [n for n in names if n not in datacomp.ARRAYS]
-        if bad:
-            raise ValueError(f"array: {bad[0]!r} is not one of {', '.join(datacomp.ARRAYS)} "
-                             "(or two joined by +)")
+        _check_arrays(names, datacomp.ARRAYS)
         out = []
         for stem, parquet, npz in datacomp.parts(path):
             rows = datacomp.member_info(npz, names[0])[1][0]
@@ -48,10 +45,7 @@ def _parts(path: Path, layout: str, array: str) -> list[dict]:
                             pq.read_table(parquet))})
         return out
     if layout == "clip_retrieval":
-        bad = [n for n in names if n not in clip_retrieval.ARRAYS]
-        if bad:
-            raise ValueError(f"array: {bad[0]!r} is not one of {', '.join(clip_retrieval.ARRAYS)} "
-                             "(or img+txt)")
+        _check_arrays(names, clip_retrieval.ARRAYS)
         out = []
         for name, meta, npys in clip_retrieval.parts(path, names):
             rows = np.load(npys[names[0]], mmap_mode="r").shape[0]
@@ -65,6 +59,13 @@ def _parts(path: Path, layout: str, array: str) -> list[dict]:
                  "load": lambda parquet=parquet: nemo.load_part(parquet, array)}
                 for name, parquet in nemo.parts(path)]
     raise ValueError(f"input: a {layout} pool is pruned where it lies; nothing to import")
+
+
+def _check_arrays(names: list[str], allowed: tuple[str, ...]) -> None:
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise ValueError(f"array: {bad[0]!r} is not one of {', '.join(allowed)} (or two joined "
+                         "by +)")
 
 
 def _join(arrays: list[np.ndarray]) -> np.ndarray:
