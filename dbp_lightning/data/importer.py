@@ -173,7 +173,7 @@ def _write_part(out: Path, name: str, emb: np.ndarray, table: pa.Table, dtype: s
         table = table.rename_columns(["source_key" if c == "key" else c for c in table.column_names])
     table = table.add_column(0, "key", ident.column("key"))
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is left out below
-        x = emb.astype(dtype)  # the values as they are: pruning normalises what is not unit norm
+        x = emb.astype(dtype, copy=False)  # the values as they are: pruning normalises what is not unit norm
     bad = ~np.isfinite(x).all(axis=1) | ~x.any(axis=1)
     counts = {"read": int(len(x)), "degenerate_embedding": int(bad.sum())}
     done = {"rows": int((~bad).sum()), "dim": int(x.shape[1]), "counts": counts, "sources": stamp}
