@@ -36,6 +36,7 @@ from . import cache
 from .config import EncoderConfig, PruneConfig
 from .data.keep import KeptIdentities, KeptSamples
 from .data.reshard import reshard
+from .data.stream import Epoch, ResampledShards, SampleShuffle, ShuffledShards
 from .data.shards import (ShardChanged, decode_caption, decode_image, expand_shards, iter_shard,
                           list_shards, shard_name, shard_stamp, with_id)
 
@@ -100,15 +101,18 @@ class _CountedEpoch:
     """The train loader, counting what one full pass streams and saying it at its end: the
     samples streamed against those expected, and the kept identities no shard holds."""
 
-    def __init__(self, loader, batches: int, expected: int, where: str, missing: int | None):
+    def __init__(self, loader, batches: int, expected: int, where: str, missing: int | None,
+                 start=None):
         self.loader, self.batches, self.expected = loader, batches, expected
-        self.where, self.missing = where, missing
+        self.where, self.missing, self.start = where, missing, start
         self.streamed: int | None = None  # of the last complete pass
 
     def __len__(self) -> int:
         return self.batches
 
     def __iter__(self):
+        if self.start is not None:
+            self.start()  # the epoch the shuffling is seeded with, before workers start
         streamed = 0
         for batch in self.loader:
             streamed += len(batch[2])
@@ -168,6 +172,15 @@ class DBPDataModule(L.LightningDataModule):
             or pruned.
         recompute: embed and prune again even if the cache has them (with ``store``: prune
             again; with ``selection``/``subset``: scan the shards again), once per DataModule.
+        seed: seeds the training stream's shuffling, with the epoch, rank and worker.
+        shuffle: shuffle the training stream (validation never is): each worker reads its
+            shards in a new order every epoch, through a buffer of ``shuffle_buffer`` samples
+            started at ``shuffle_initial`` (open_clip's 5,000 and 1,000; raw samples, before
+            decoding).
+        resampled: draw shards with replacement (open_clip's ``--dataset-resampled``); an epoch
+            is ``train_num_samples`` samples over all ranks, and every rank takes
+            ``train_num_samples // (batch_size x ranks)`` steps.
+        train_num_samples: samples per epoch with ``resampled`` (required then).
 
     One of ``prune``/``store`` (prune at setup), ``selection`` and ``subset`` says which samples
     are trained on; two of them are refused. With ``selection`` or ``subset``, ``setup`` writes
@@ -197,7 +210,9 @@ class DBPDataModule(L.LightningDataModule):
                  embed_dtype: str = "float16", val_shards: Optional[str | list[str]] = None,
                  reshard: bool = False, store: Optional[str] = None,
                  skip_bad_shards: bool = False, selection: Optional[str] = None,
-                 subset: Optional[str] = None, recompute: bool = False):
+                 subset: Optional[str] = None, recompute: bool = False, seed: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 5000, shuffle_initial: int = 1000,
+                 resampled: bool = False, train_num_samples: Optional[int] = None):
         super().__init__()
         self.source = _selection_source(prune, store, selection, subset)
         self.skipped_shards: list[tuple[str, str]] = []
@@ -213,6 +228,14 @@ class DBPDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.embed_batch_size, self.embed_dtype = embed_batch_size, embed_dtype
         self.reshard = reshard
+        if resampled and not (train_num_samples and train_num_samples > 0):
+            raise ValueError("train_num_samples: resampled=True needs the samples per epoch "
+                             "(over all ranks), e.g. --data.train_num_samples 1000000")
+        self.seed, self.shuffle, self.resampled = seed, shuffle, resampled
+        self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
+        self.train_num_samples = train_num_samples
+        SampleShuffle(shuffle_buffer, shuffle_initial, seed, Epoch(), 0)  # refuse bad sizes now
+        self._epoch, self._passes = Epoch(), 0
         self.store = store
         self.selection_source = selection or subset
         # each cache entry is made again once, then reused by later calls (fit, then validate)
@@ -429,16 +452,25 @@ class DBPDataModule(L.LightningDataModule):
             log.info(line)
 
     # ------------------------------------------------------------------ streams
-    def _pipeline(self, shards: list[str], keep) -> wds.WebDataset:
+    def _pipeline(self, shards: list[str], keep, train: bool = False) -> wds.WebDataset:
         rank, world = self._world()
-        # split by the Trainer's rank, not webdataset's guess from RANK / torch.distributed;
+        shuffle = train and self.shuffle
+        if train and self.resampled:  # each worker draws its own shards, for ever
+            stages = [ResampledShards(shards, self.seed, self._epoch, rank)]
+        else:
+            # split by the Trainer's rank, not webdataset's guess from RANK / torch.distributed
+            stages = [wds.SimpleShardList(shards),
+                      functools.partial(_every_nth, start=rank, step=world), wds.split_by_worker]
+            if shuffle:
+                stages.append(ShuffledShards(self.seed, self._epoch, rank))
         # samples read as the embedder read them (_read_shards)
-        stages = [wds.SimpleShardList(shards),
-                  functools.partial(_every_nth, start=rank, step=world), wds.split_by_worker,
-                  functools.partial(_read_shards, stamps=self._stamps),
-                  wds.map(with_id)]  # parse the json once per sample, for the filter and the batch
+        stages += [functools.partial(_read_shards, stamps=self._stamps),
+                   wds.map(with_id)]  # parse the json once per sample, for the filter and the batch
         if keep is not None:
             stages.append(wds.select(keep))
+        if shuffle:
+            stages.append(SampleShuffle(self.shuffle_buffer, self.shuffle_initial, self.seed,
+                                        self._epoch, rank))
         stages += [wds.map(self._to_example), wds.select(_not_none),
                    wds.batched(self.batch_size, partial=world == 1)]
         return wds.DataPipeline(*stages)
@@ -477,19 +509,37 @@ class DBPDataModule(L.LightningDataModule):
         if world > len(self._train_shards):
             raise ValueError(f"{len(self._train_shards)} shards cannot feed {world} ranks")
         keep = None if self.reshard else self._kept  # resharded tars hold only kept samples
-        loader = wds.WebLoader(self._pipeline(self._train_shards, keep), batch_size=None,
-                               num_workers=self.num_workers)
+        loader = wds.WebLoader(self._pipeline(self._train_shards, keep, train=True),
+                               batch_size=None, num_workers=self.num_workers)
+        if self.resampled:  # open_clip's rule: the epoch's samples over the global batch
+            n = self.train_num_samples // (self.batch_size * world)
+            if n == 0:
+                raise ValueError(f"train_num_samples={self.train_num_samples} is less than one "
+                                 f"batch of {self.batch_size} on each of {world} ranks")
+            per_rank = [n] * world
         n = min(per_rank)  # every rank the same number of steps
         if n == 0:
             raise ValueError(f"rank {per_rank.index(0)} gets no full batch of {self.batch_size}: "
                              "use a smaller batch_size, fewer workers, or reshard=True")
-        expected = sum(self._per_worker(1)[0]) if world == 1 else n * self.batch_size
+        expected = (sum(self._per_worker(1)[0]) if world == 1 and not self.resampled
+                    else n * self.batch_size)
         where = "" if world == 1 else f" on rank {rank} of {world} ({n} full batches)"
         with warnings.catch_warnings():
             # webdataset warns that with_length does not bound the epoch; with_epoch does that
             warnings.filterwarnings("ignore", message=r".with_length\(\) only sets the value")
             loader = loader.with_epoch(n).with_length(n)
-        return _CountedEpoch(loader, n, expected, where, self.report.get("not_in_shards"))
+        return _CountedEpoch(loader, n, expected, where, self.report.get("not_in_shards"),
+                             self._start_epoch)
+
+    def _start_epoch(self) -> None:
+        """Before a training pass: the epoch its shuffling is seeded with (the Trainer's, so a
+        resumed fit streams what an uninterrupted one would; without a Trainer, the count of
+        passes begun)."""
+        if self.trainer is not None:
+            self._epoch.value = self.trainer.current_epoch
+        else:
+            self._epoch.value = self._passes
+        self._passes += 1
 
     def val_dataloader(self):
         if not self.val_shards:
