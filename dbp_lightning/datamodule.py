@@ -128,6 +128,13 @@ class _CountedEpoch:
             log.info(line)
 
 
+#: reshard="auto" reshards below this kept fraction ...
+AUTO_RESHARD_KEEP = 0.5
+#: ... for runs of at least this many epochs (bench_stream.py, local disk: filtering at keep 0.28
+#: streams 0.90x as fast as resharded shards, and the one-off reshard pays back after ~8 epochs)
+AUTO_RESHARD_EPOCHS = 8
+
+
 class DBPDataModule(L.LightningDataModule):
     """Prunes WebDataset shards with DBP at setup and streams what it keeps, or streams what a
     prune run (``selection``) or a DataComp subset (``subset``) keeps.
@@ -147,7 +154,9 @@ class DBPDataModule(L.LightningDataModule):
         embed_batch_size: samples per embedding step.
         embed_dtype: "float16" or "float32" for the store.
         val_shards: optional held-out shards, streamed unpruned by ``val_dataloader``.
-        reshard: write the kept samples into new, equally filled shards (in the prune run
+        reshard: True, False or "auto" (chosen at setup from the kept fraction and the
+            Trainer's epochs, with the rule ``benchmarks/bench_stream.py`` supports, and logged).
+            True: write the kept samples into new, equally filled shards (in the prune run
             directory, or the selection's cache entry), as many as a multiple of ranks x
             workers, and stream those instead of filtering the source shards: under DDP nothing
             is then left out of an epoch.
@@ -208,7 +217,7 @@ class DBPDataModule(L.LightningDataModule):
                  image_transform: Optional[Callable] = None, tokenizer: Optional[Callable] = None,
                  batch_size: int = 256, num_workers: int = 4, embed_batch_size: int = 256,
                  embed_dtype: str = "float16", val_shards: Optional[str | list[str]] = None,
-                 reshard: bool = False, store: Optional[str] = None,
+                 reshard: bool | str = False, store: Optional[str] = None,
                  skip_bad_shards: bool = False, selection: Optional[str] = None,
                  subset: Optional[str] = None, recompute: bool = False, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 5000, shuffle_initial: int = 1000,
@@ -227,7 +236,9 @@ class DBPDataModule(L.LightningDataModule):
         self.image_transform, self.tokenizer = image_transform, tokenizer
         self.batch_size, self.num_workers = batch_size, num_workers
         self.embed_batch_size, self.embed_dtype = embed_batch_size, embed_dtype
-        self.reshard = reshard
+        if reshard not in (True, False, "auto"):
+            raise ValueError(f"reshard: true, false or auto, got {reshard!r}")
+        self.reshard = reshard  # resolved at setup (auto: from the keep rate and the epochs)
         if resampled and not (train_num_samples and train_num_samples > 0):
             raise ValueError("train_num_samples: resampled=True needs the samples per epoch "
                              "(over all ranks), e.g. --data.train_num_samples 1000000")
@@ -339,6 +350,7 @@ class DBPDataModule(L.LightningDataModule):
                     num_workers=self.num_workers, comm=comm,
                     recompute=self._take_recompute("selection"))
                 self._load_identities()
+            self.reshard = self._resolve_reshard()
             if self.reshard:  # every rank writes some of the new shards
                 keep = self._kept if self.source == "prune" else _Decodable(self._kept)
                 manifest = reshard(self.shards, keep, self.reshard_dir, self._reshard_count(),
@@ -356,6 +368,38 @@ class DBPDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = getattr(module, "tokenizer", None)
 
+
+    def _resolve_reshard(self) -> bool:
+        """``reshard="auto"``: reshard when the kept fraction is under :data:`AUTO_RESHARD_KEEP`
+        and the run trains at least :data:`AUTO_RESHARD_EPOCHS` epochs, where
+        ``benchmarks/bench_stream.py`` found it pays (README); says which and why."""
+        if self.reshard != "auto":
+            return bool(self.reshard)
+        kept = sum(self._kept_per_shard.values())
+        pool = (self._kept.n if self.source == "prune"
+                else self.report.get("samples_read", 0)) or 1
+        epochs = self._planned_epochs(kept)
+        choice = kept / pool < AUTO_RESHARD_KEEP and epochs >= AUTO_RESHARD_EPOCHS
+        if self._world()[0] == 0:
+            log.info("DBPDataModule: reshard=auto -> %s: keeps %.0f%% of the pool over ~%s epochs "
+                     "(resharding pays below %.0f%% kept and from %d epochs, "
+                     "benchmarks/bench_stream.py)", "reshard" if choice else "filter",
+                     100 * kept / pool, "?" if epochs == math.inf else f"{epochs:g}",
+                     100 * AUTO_RESHARD_KEEP, AUTO_RESHARD_EPOCHS)
+        return choice
+
+    def _planned_epochs(self, kept: int) -> float:
+        """Epochs the Trainer will run: max_epochs, or max_steps over this pool's steps per
+        epoch; inf when neither bounds it, 1 without a Trainer."""
+        if self.trainer is None:
+            return 1
+        max_epochs = getattr(self.trainer, "max_epochs", None)
+        max_steps = getattr(self.trainer, "max_steps", -1)
+        if max_steps is not None and max_steps > 0:
+            per_epoch = max(kept // (self.batch_size * self._world()[1]), 1)
+            steps_epochs = max_steps / per_epoch
+            return min(steps_epochs, max_epochs) if max_epochs and max_epochs > 0 else steps_epochs
+        return max_epochs if max_epochs and max_epochs > 0 else math.inf
 
     def _shard_stamps(self, paths: list[str]) -> dict[str, tuple[int, int]]:
         """(bytes, mtime_ns) of ``paths`` as they are now, for the streams to check each shard

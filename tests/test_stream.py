@@ -92,3 +92,29 @@ def test_the_sample_buffer_is_a_seeded_permutation():
     assert max(x - pos for pos, x in enumerate(a)) <= 100
     with pytest.raises(ValueError, match="shuffle_buffer must be >= 1"):
         SampleShuffle(10, 20, seed=0, epoch=epoch, rank=0)
+
+
+@pytest.mark.parametrize("kept, epochs, resharded", [
+    ({i for i in range(48) if i % 4 == 0}, 20, True),   # 25 % kept, 20 epochs: reshard pays
+    ({i for i in range(48) if i % 4 == 0}, 2, False),   # too few epochs to pay the reshard back
+    (KEPT, 20, False),                                  # 75 % kept: filtering is as fast
+])
+def test_reshard_auto_follows_the_measured_rule_and_says_why(pool, kept, epochs, resharded, caplog):
+    import logging
+
+    (pool / "a").mkdir()
+    (pool / "a" / "wds").symlink_to(pool / "wds")
+    dm = selection_dm(pool / "a", "selection", kept, num_workers=2, reshard="auto")
+    dm.trainer = SimpleNamespace(current_epoch=0, global_rank=0, world_size=1, local_rank=0,
+                                 lightning_module=None, max_epochs=epochs, max_steps=-1)
+    dm.prepare_data()
+    with caplog.at_level(logging.INFO, logger="dbp_lightning.datamodule"):
+        dm.setup("fit")
+    choice = "reshard" if resharded else "filter"
+    assert f"reshard=auto -> {choice}: keeps {100 * len(kept) / 48:.0f}% of the pool over ~{epochs} epochs" \
+        in caplog.text
+    assert dm.reshard is resharded and bool(list(dm.reshard_dir.glob("*.tar"))) is resharded
+    order = [i for batch in dm.train_dataloader() for i in batch[2]]
+    assert sorted(order) == sorted(uid(i) for i in kept)
+    with pytest.raises(ValueError, match="reshard: true, false or auto, got 'yes'"):
+        selection_dm(pool / "a", "selection", kept, reshard="yes")
