@@ -79,7 +79,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             aside = path.parent / f".{path.name}.old-{os.getpid()}"
             os.rename(path, aside)
             os.rename(stage, path)
-            shutil.rmtree(aside)
+            # NFS keeps files an old reader holds open: recover_dir removes what is left later
+            shutil.rmtree(aside, ignore_errors=True)
     finally:  # the staging directory holds the failed new run, or the replaced old one
         shutil.rmtree(stage, ignore_errors=True)
 

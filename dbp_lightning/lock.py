@@ -157,7 +157,7 @@ def rank_zero_lock(directory: str | os.PathLike, wait: float = 0.0, comm=None,
                 stack.enter_context(directory_lock(directory, wait=wait))
                 if prepare is not None:
                     prepare()
-            except (DirectoryBusy, ValueError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure: the other ranks must learn it
                 failed = exc
         if comm is not None and comm.world_size > 1:
             code = comm.broadcast(np.array([failed is not None]) if rank == 0 else None)

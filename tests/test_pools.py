@@ -187,3 +187,26 @@ def test_clip_retrieval_parts_go_in_number_order_and_holes_are_named(tmp_path, c
     (root / "metadata" / "metadata_0010.parquet").unlink()
     with pytest.raises(ValueError, match="part 10 is in the embeddings or the metadata, not both"):
         open_pool(root)
+
+
+def test_review_cases_mixed_dtypes_widths_a_named_identity_and_non_ascii_uids(tmp_path, capsys):
+    from dbp_lightning.data.pools import open_pool
+    from dbp_lightning.rundir import datacomp_subset
+
+    x, meta = _pool("float16")
+    _write_datacomp(tmp_path / "dc", x, meta, compressed=False)
+    np.savez(tmp_path / "dc" / f"{PARTS - 1:08d}.npz",  # the last part in float32
+             l14_img=x[_bounds()[-2]:].astype(np.float32), b32_img=np.zeros((N - _bounds()[-2], 8)))
+    with pytest.raises(ValueError, match="the parts mix float16 and float32; import the pool"):
+        open_pool(tmp_path / "dc")
+    # import --id_column url on a pool with uids: the store's identity is the url, not the uid
+    assert main(["import", "--input", str(tmp_path / "dc"), "--out", str(tmp_path / "store"),
+                 "--id_column", "url"]) == 0
+    pool = open_pool(tmp_path / "store")
+    assert pool.metadata.column_names == ["key"]
+    assert pool.metadata.column("key").to_pylist() == meta.column("url").to_pylist()
+    # parts of two widths: refused while importing, naming the part
+    np.savez(tmp_path / "dc" / f"{PARTS - 1:08d}.npz", l14_img=np.ones((N - _bounds()[-2], D + 1), np.float16))
+    assert main(["import", "--input", str(tmp_path / "dc"), "--out", str(tmp_path / "store2")]) == 2
+    assert f"part {PARTS - 1:08d} holds {D + 1}-d rows, the parts before it {D}-d" in capsys.readouterr().err
+    assert datacomp_subset(["é" + "0" * 31]) is None  # 32 characters, 33 bytes: not a DataComp uid

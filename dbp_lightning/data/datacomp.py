@@ -9,6 +9,7 @@ must be decompressed, which :mod:`.importer` does once, shard by shard.
 
 from __future__ import annotations
 
+import functools
 import zipfile
 from pathlib import Path
 
@@ -39,9 +40,20 @@ def parts(path: Path) -> list[tuple[str, Path, Path]]:
     return [(s, path / f"{s}.parquet", path / f"{s}.npz") for s in sorted(npz)]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _member_info(npz: Path, name: str, stamp: tuple[int, int]) -> tuple[bool, tuple[int, ...], np.dtype, int]:
+    return _read_member_info(npz, name)
+
+
 def member_info(npz: Path, name: str) -> tuple[bool, tuple[int, ...], np.dtype, int]:
     """(compressed, shape, dtype, data offset in the file) of the array ``name`` in ``npz``,
-    read from the zip and .npy headers alone."""
+    read from the zip and .npy headers alone (once per file version: the check for an import
+    and the mapping share it)."""
+    st = npz.stat()
+    return _member_info(npz, name, (st.st_size, st.st_mtime_ns))
+
+
+def _read_member_info(npz: Path, name: str) -> tuple[bool, tuple[int, ...], np.dtype, int]:
     with zipfile.ZipFile(npz) as zf:
         try:
             info = zf.getinfo(f"{name}.npy")

@@ -84,7 +84,9 @@ def _join(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def _stamp(files: list[Path]) -> list:
-    return [[p.name, p.stat().st_size] for p in files]
+    """What says a source part is unchanged since it was imported: name, size and mtime (a part
+    re-embedded with another model keeps its size)."""
+    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
 def import_pool(path: str | Path, out: str | Path, layout: str = "auto", array: str | None = None,
@@ -149,6 +151,9 @@ def import_pool(path: str | Path, out: str | Path, layout: str = "auto", array: 
                 entries.append({"name": part["name"], "rows": done["rows"], "counts": done["counts"]})
                 for k, v in done["counts"].items():
                     counts[k] = counts.get(k, 0) + v
+                if done["rows"] and dim is not None and done["dim"] != dim:
+                    raise ValueError(f"input: part {part['name']} holds {done['dim']}-d rows, the "
+                                     f"parts before it {dim}-d; one store holds one width")
                 dim = done["dim"] if done["rows"] else dim
                 first += part["rows"]
                 bar.update(part["rows"])
@@ -169,8 +174,12 @@ def _write_part(out: Path, name: str, emb: np.ndarray, table: pa.Table, dtype: s
     if emb.ndim != 2 or len(emb) != table.num_rows:
         raise ValueError(f"{name}: {table.num_rows} metadata rows for embeddings of shape {emb.shape}")
     ident = identify(table)
-    if "key" in table.column_names:  # the source's own key column, kept under another name
-        table = table.rename_columns(["source_key" if c == "key" else c for c in table.column_names])
+    # the source's own key (and a uid that id_column overrides) kept under other names, so that
+    # the store's identity is the one chosen here
+    renamed = {"key": "source_key"}
+    if "uid" not in ident.column_names:
+        renamed["uid"] = "source_uid"
+    table = table.rename_columns([renamed.get(c, c) for c in table.column_names])
     table = table.add_column(0, "key", ident.column("key"))
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is left out below
         x = emb.astype(dtype, copy=False)  # the values as they are: pruning normalises what is not unit norm

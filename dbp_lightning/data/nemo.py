@@ -29,8 +29,13 @@ def _embedding_column(schema: pa.Schema) -> str | None:
 
 def is_nemo(path: Path) -> bool:
     files = _files(path)
-    return bool(files) and path.suffix != ".npy" and \
-        _embedding_column(pq.read_schema(files[0])) is not None
+    if not files or path.suffix == ".npy":
+        return False
+    try:
+        schema = pq.read_schema(files[0])
+    except (OSError, ValueError):  # not parquet: none of the layouts, said by detect_layout
+        return False
+    return _embedding_column(schema) is not None
 
 
 def parts(path: Path) -> list[tuple[str, Path]]:

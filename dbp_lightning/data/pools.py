@@ -242,6 +242,10 @@ def _one_width(arrays: list[np.ndarray], path: Path) -> list[np.ndarray]:
     widths = {a.shape[1] for a in arrays if a.ndim == 2}
     if any(a.ndim != 2 for a in arrays) or len(widths) != 1:
         raise ValueError(f"input: {path}: the parts' arrays are not all (rows, d) of one width")
+    dtypes = {str(a.dtype) for a in arrays}
+    if len(dtypes) > 1:  # one pool, one dtype: a row must read the same however it is read
+        raise ValueError(f"input: {path}: the parts mix {' and '.join(sorted(dtypes))}; import "
+                         f"the pool into one dtype: dbp-lightning import --input {path} --out STORE")
     return arrays
 
 
