@@ -26,13 +26,14 @@ from ..lock import directory_lock
 from ..store import DTYPES, FORMAT, VERSION, EmbeddingStore
 from . import clip_retrieval, datacomp, nemo
 from .pools import detect_layout
+from .shards import shard_stamp
 
 log = logging.getLogger(__name__)
 DONE = ".done.json"
 
 
 def _parts(path: Path, layout: str, array: str) -> list[dict]:
-    """Each part as {name, meta (parquet or None), files (sources), rows, load() -> (emb, table)}."""
+    """Each part as {name, files (its sources), rows, load() -> (embeddings, metadata table)}."""
     names = array.split("+")
     if layout == "datacomp":
         _check_arrays(names, datacomp.ARRAYS)
@@ -86,7 +87,7 @@ def _join(arrays: list[np.ndarray]) -> np.ndarray:
 def _stamp(files: list[Path]) -> list:
     """What says a source part is unchanged since it was imported: name, size and mtime (a part
     re-embedded with another model keeps its size)."""
-    return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return [[p.name, *shard_stamp(str(p))] for p in files]
 
 
 def import_pool(path: str | Path, out: str | Path, layout: str = "auto", array: str | None = None,

@@ -138,9 +138,14 @@ def hash_to_u128(ids) -> np.ndarray:
     32-hex uids (keys). A wrong match needs two ids to share 128 bits: ~1e-20 at 10^9 samples."""
     out = np.empty(len(ids), U128)
     for i, value in enumerate(ids):
-        digest = hashlib.blake2b(str(value).encode(), digest_size=16).digest()
-        out[i] = (int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:], "big"))
+        out[i] = _hash128(str(value))
     return out
+
+
+def _hash128(identity: str) -> tuple[int, int]:
+    """The (high, low) 64-bit halves of ``identity``'s 128-bit blake2b (UTF-8)."""
+    digest = hashlib.blake2b(identity.encode(), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:], "big")
 
 
 def sort_unique(values: np.ndarray) -> np.ndarray:
@@ -275,8 +280,7 @@ class KeptIdentities:
         if identity is None:
             return None
         if self.encoding == "hash":
-            digest = hashlib.blake2b(identity.encode(), digest_size=16).digest()
-            return int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:], "big")
+            return _hash128(identity)
         if len(identity) != 32 or not _is_hex(identity):
             return None
         return divmod(int(identity, 16), 2**64)

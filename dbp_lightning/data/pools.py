@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from ..store import EmbeddingStore, ShardedArray
 from . import clip_retrieval, datacomp, nemo
+from .shards import shard_stamp
 
 LAYOUTS = ("store", "npy", "datacomp", "clip_retrieval", "nemo")
 
@@ -178,7 +179,7 @@ def _read_parts(metas: list[Path | None], arrays: list[np.ndarray], default_id: 
 
 
 def _fingerprint(layout: str, array: str | None, files: list[Path]) -> str:
-    stamps = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stamps = [(str(p.resolve()), *shard_stamp(str(p))) for p in files]
     return hashlib.sha256(json.dumps([layout, array, stamps]).encode()).hexdigest()
 
 
