@@ -130,6 +130,20 @@ def median_rate(runs) -> tuple[float, float, int]:
     return statistics.median(rates), statistics.median(f for _, _, f in runs), runs[0][0]
 
 
+def open_clip_loader():
+    """open_clip's ``get_wds_dataset``, made to run with webdataset 1.0.
+
+    open_clip_torch 3.3's group_by_keys_nothrow reads filesample["fname"] of every item, but
+    webdataset 1.0's tar_file_expander ends each shard with an EOF marker ({}): KeyError 'fname'
+    in the first worker. Shim: the expander without the marker (open_clip's code otherwise as is).
+    """
+    import open_clip_train.data as ocd
+    from webdataset.tariterators import tar_file_expander
+
+    ocd.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)
+    return ocd.get_wds_dataset
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20_000)
@@ -139,17 +153,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import open_clip
-    import open_clip_train.data as ocd
     import torch
-    from webdataset.tariterators import tar_file_expander
 
-    from open_clip_train.data import get_wds_dataset
-
-    # open_clip_torch 3.3's group_by_keys_nothrow reads filesample["fname"] of every item, but
-    # webdataset 1.0's tar_file_expander ends each shard with an EOF marker ({}): KeyError 'fname'
-    # in the first worker. Shim: the expander without the marker (open_clip's code otherwise as is).
-    ocd.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)
-
+    get_wds_dataset = open_clip_loader()
     from dbp_lightning.datamodule import DBPDataModule
 
     torch.set_num_threads(1)

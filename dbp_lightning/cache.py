@@ -207,14 +207,14 @@ def ensure_store(cache_dir: str | os.PathLike, shards: list[str], encoder: Encod
         embed = dict(encoder=encoder, batch_size=batch_size, num_workers=num_workers, dtype=dtype,
                      trainer_kwargs={"devices": 1})
         if recompute:
-            log.info("embedding cache: embedding %d shards into %s again: recompute=True",
+            log.info("embedding cache: embedding %d shard(s) into %s again: recompute=True",
                      len(shards), out)
             recover_dir(out)
             with atomic_dir(out) as stage:
                 write_json(stage / KEY_FILE, key)
                 embed_shards(shards, str(stage), **embed)
         else:
-            log.info("embedding cache: embedding %d shards into %s: %s", len(shards), out,
+            log.info("embedding cache: embedding %d shard(s) into %s: %s", len(shards), out,
                      _why_new(out, key))
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / KEY_FILE, key)
@@ -276,19 +276,22 @@ def _key_differences(old: dict, new: dict) -> list[str]:
 
 
 def ensure_pruned(cache_dir: str | os.PathLike, store: Path, config: PruneConfig,
-                  progress: bool = True, comm=None, recompute: bool = False) -> Path:
+                  progress: bool = True, comm=None, recompute: bool = False,
+                  report: bool = False) -> Path:
     """The complete prune run of ``store`` under ``config``, running it if needed.
 
     With ``comm`` (a :mod:`~dbp_lightning.pruning.collective` collective), every rank calls
     this: they take rank 0's view of whether the run exists, prune together, rank 0 writes, and
     all return once it is written. ``recompute``: prune again even if the run is complete (it
-    replaces the old run whole, reshards included), the same on every rank.
+    replaces the old run whole, reshards included), the same on every rank. ``report``: write
+    the run's report.html too (as ``prune`` does) when the store's shards are at hand.
     """
     from .pruning.collective import Local
     from .data.pools import open_input
     from .pruning.embeddings import as_embeddings
     from .pruning.pipeline import prune
     from .rundir import claim_output, write_run
+    from .store import source_shards
 
     comm = comm or Local()
     out = prune_dir(cache_dir, store, config)
@@ -309,7 +312,8 @@ def ensure_pruned(cache_dir: str | os.PathLike, store: Path, config: PruneConfig
                 result = prune(emb, config, metadata=pool.metadata,
                                progress=progress and comm.rank == 0, comm=comm)
                 if comm.rank == 0:
-                    write_run(result, out, config.to_dict(), pool.fingerprint)
+                    write_run(result, out, config.to_dict(), pool.fingerprint,
+                              shards=source_shards(store) if report else None)
             elif comm.rank == 0:
                 log.info("prune cache: reusing %s, which another job pruned meanwhile", out)
     elif comm.rank == 0:

@@ -21,10 +21,22 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import jsonargparse
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from .config import EncoderConfig, PruneConfig
+from . import __version__
+from .config import EncoderConfig, PruneConfig, default_workers
 from .lock import DirectoryBusy, directory_lock
+
+# every option's help is the docstring written under its dataclass field (config.py) or in the
+# Args: of an __init__ (DBPDataModule, CLIPModule): one place for the code and for --help
+jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+#: the subcommands LightningCLI parses (its own --help); listed in ``dbp-lightning --help``
+LIGHTNING_COMMANDS = {
+    "fit": "train CLIPModule on DBPDataModule (prunes at setup; configs/fit/*.yaml)",
+    "validate": "validate a fit run's checkpoint (--ckpt_path .../last.ckpt)",
+}
 
 
 def _config_parser(cls, description: str, config_help: str = "YAML config") -> ArgumentParser:
@@ -53,11 +65,12 @@ def _embed_parser() -> ArgumentParser:
     p.add_argument("--shards", type=str, required=True, help="brace pattern, glob or directory")
     p.add_argument("--out", type=str, required=True, help="store directory")
     p.add_class_arguments(EncoderConfig, "encoder")
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--batch_size", type=int, default=256, help="samples per forward pass and device")
+    p.add_argument("--num_workers", type=Optional[int], default=None,
+                   help="data-loading workers (None: 4, or the cores there are if fewer)")
     p.add_argument("--dtype", type=str, default="float16", help="float16 or float32")
     p.add_argument("--devices", type=str, default="1", help="Lightning devices (1, 8, auto)")
-    p.add_argument("--num_nodes", type=int, default=1)
+    p.add_argument("--num_nodes", type=int, default=1, help="Lightning nodes (SLURM or torchrun)")
     p.add_argument("--skip_bad_shards", type=bool, default=False,
                    help="embed the shards that can be read and leave out the missing, empty or "
                    "non-tar ones (listed in manifest.json's skipped_shards; exit 3) instead of "
@@ -95,8 +108,8 @@ def _eval_parser() -> ArgumentParser:
     p.add_argument("--data_root", type=Optional[str], default=None, help="clip_benchmark WebDataset tasks")
     p.add_argument("--imagenet_folder", type=Optional[str], default=None, help="ImageNet val ImageFolder")
     p.add_argument("--out", type=str, default="runs/eval", help="results directory")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--num_workers", type=int, default=0, help="data-loading workers per task")
     return p
 
 
@@ -109,7 +122,7 @@ def _synthetic_parser() -> ArgumentParser:
     p.add_argument("--n_concepts", type=int, default=200, help="true concepts")
     p.add_argument("--dup_fraction", type=float, default=0.1, help="rows that copy another row")
     p.add_argument("--dtype", type=str, default="float32", help="float16 or float32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the concepts, their members and the copies")
     return p
 
 
@@ -119,8 +132,9 @@ def _demo_data_parser() -> ArgumentParser:
     p = ArgumentParser(description="Write the offline demo pool (openmoji, openclipart) as WebDataset "
                        "shards and held-out evaluation sets (Fashion-MNIST, clip-art categories, "
                        "caption retrieval) in clip_benchmark's layout.")
-    p.add_argument("--out", type=str, default="runs/demo_data")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", type=str, default="runs/demo_data",
+                   help="directory to write (a build of another spec there is replaced whole)")
+    p.add_argument("--workers", type=int, default=2, help="render processes")
     p.add_class_arguments(DemoSpec, nested_key=None)
     return p
 
@@ -148,9 +162,14 @@ def _demo_parser() -> ArgumentParser:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="dbp-lightning", description=__doc__.splitlines()[0],
-                            exit_on_error=False)
+    parser = ArgumentParser(prog="dbp-lightning", exit_on_error=False,
+                            description="Density-Based Pruning (arXiv 2401.04578) of image-text pools, "
+                            "and CLIP training on the result. Each subcommand has its own --help; "
+                            "-v anywhere on the line shows third-party logs and per-stage detail.")
+    parser.add_argument("--version", action="version", version=f"dbp-lightning {__version__}")
     commands = parser.add_subcommands(dest="command")
+    for name, line in LIGHTNING_COMMANDS.items():  # parsed by LightningCLI (see _main)
+        commands.add_subcommand(name, ArgumentParser(description=line), help=line)
     commands.add_subcommand("embed", _embed_parser(), help="embed shards into an embedding store")
     commands.add_subcommand("import", _import_parser(), help="import DataComp/LAION/NeMo embeddings into a store")
     commands.add_subcommand("prune", _prune_parser(), help="prune a pool into a run directory")
@@ -181,6 +200,7 @@ def run_prune(config: PruneConfig) -> int:
     from .pruning.embeddings import as_embeddings
     from .pruning.pipeline import prune
     from .rundir import claim_output, write_run
+    from .store import source_shards
 
     config.validate()
     if not config.input:
@@ -198,7 +218,7 @@ def run_prune(config: PruneConfig) -> int:
             if comm.rank != 0:  # every rank holds the same result; one writes it
                 return 0
             out = write_run(result, config.output, config.to_dict(), pool.fingerprint,
-                            shards=_source_shards(config.input) if pool.layout == "store" else None,
+                            shards=source_shards(config.input) if pool.layout == "store" else None,
                             pool=pool)
     finally:
         comm.close()
@@ -212,16 +232,6 @@ def run_prune(config: PruneConfig) -> int:
     return 0
 
 
-def _source_shards(store: str) -> list[str] | None:
-    """The WebDataset shards an embedding store was made from, when they are all still there."""
-    from .store import read_manifest
-
-    if not Path(store).is_dir():  # a .npy input knows no shards
-        return None
-    shards = read_manifest(store).get("source_shards")
-    return shards if shards and all(os.path.isfile(s) for s in shards) else None
-
-
 def run_embed(args) -> int:
     """Embed, print the one-line summary (and a line naming every unreadable shard left out);
     0, or :data:`EXIT_SHARDS_SKIPPED` when shards were left out."""
@@ -229,8 +239,9 @@ def run_embed(args) -> int:
 
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     strategy = "ddp" if devices not in (1, "1") or args.num_nodes > 1 else "auto"
+    workers = default_workers() if args.num_workers is None else args.num_workers
     store = embed_shards(args.shards, args.out, args.encoder.validate(), args.batch_size,
-                         args.num_workers, args.dtype,
+                         workers, args.dtype,
                          trainer_kwargs={"devices": devices, "num_nodes": args.num_nodes,
                                          "strategy": strategy},
                          skip_bad_shards=args.skip_bad_shards)
@@ -320,7 +331,8 @@ def _print_demo_data(report: dict, out: str) -> None:
         print(f"{source:<14}{', '.join(f'{k} {v:,}' for k, v in counts.items())}")
     for source, how in report["left_out"].items():
         print(f"{source:<14}left out: not installed ({how})")
-    print(f"{report['train_samples']:,} training samples in {report['train_shards']} shards -> {out}")
+    print(f"{report['train_samples']:,} training samples in {report['train_shards']} shards -> {out} "
+          f"(data fingerprint {report.get('fingerprint', 'unknown: built before fingerprints')})")
 
 
 def run_synthetic(args) -> int:
@@ -343,14 +355,14 @@ def lightning_cli(argv: list[str]) -> int:
     # args=None when they are the command line's own: LightningCLI warns when given both
     args = None if argv == sys.argv[1:] else argv
     LightningCLI(CLIPModule, DBPDataModule, args=args, save_config_kwargs={"overwrite": True},
-                 parser_kwargs={"prog": f"dbp-lightning {argv[0]}" if argv else "dbp-lightning"})
+                 parser_kwargs={"prog": "dbp-lightning"})
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    console, argv = argv is None, sys.argv[1:] if argv is None else argv
     try:
-        return _main(argv)
+        return _main(argv, console)
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback, the shell's code for SIGINT
         _say(f"dbp-lightning {argv[0] if argv else ''}: interrupted; what had finished is kept "
              "(every artifact is written whole or not at all) and a rerun picks up from it")
@@ -362,28 +374,51 @@ def _say(line: str) -> None:
     print(("\n" if sys.stderr.isatty() else "") + line, file=sys.stderr)
 
 
-def _main(argv: list[str]) -> int:
-    if argv and argv[0] in ("fit", "validate"):
-        return lightning_cli(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+#: commands that run Lightning (their banners, tips and third-party INFO are silenced unless -v)
+_LIGHTNING_USERS = ("fit", "validate", "embed", "eval", "compare", "demo")
+
+
+def configure_logging(command: str | None, verbose: bool) -> None:
+    """One line per stage from dbp_lightning; third-party INFO (open_clip logs through the root
+    logger), Lightning's banners and tips and known noise warnings only with ``-v``."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s")
+    logging.getLogger("dbp_lightning").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if verbose:
+        return
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # says which SIMD build loaded
+    # transformers draws a bar per model it loads (read when it is imported, so set it first)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if command in _LIGHTNING_USERS:
+        # Lightning sets its loggers' levels when imported: import it first, then quiet them
+        import lightning.pytorch  # noqa: F401
+
+        for name in ("lightning.pytorch", "lightning.fabric", "sentence_transformers"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # Lightning 2.6 on torch 2.14 warns about torch's own pytree API on every fit; a module
+        # without held-out shards has no validation loop, which Lightning warns about
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+        warnings.filterwarnings("ignore", message=".*`tensorboardX` has been removed")  # CSV logs
+    if command in ("compare", "demo"):  # their progress bars say what runs; stage logs would break them
+        logging.getLogger("dbp_lightning.pruning").setLevel(logging.WARNING)
+
+
+def _main(argv: list[str], console: bool = False) -> int:
+    verbose = any(a in ("-v", "--verbose") for a in argv)
+    argv = [a for a in argv if a not in ("-v", "--verbose")]
+    if console:  # LightningCLI reads the command line itself (given args too, it warns)
+        sys.argv[1:] = argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    configure_logging(command, verbose)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        return lightning_cli(argv)
     parser = build_parser()
     try:
         cfg = parser.parse_args(argv)
     except Exception as exc:  # jsonargparse's ArgumentError: a bad flag, key or config file
         print(f"dbp-lightning: error: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
         return 2
-    if cfg.command in ("compare", "demo", "embed"):
-        # many fits and predicts: Lightning's per-run banner (GPU available, ...) is noise here;
-        # Lightning sets its own logger's level on import, so import it first
-        import lightning.pytorch  # noqa: F401
-
-        for name in ("lightning.pytorch", "lightning.fabric", "sentence_transformers"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        if cfg.command != "embed":  # the progress bars say what runs; stage logs would break them
-            logging.getLogger("dbp_lightning.pruning").setLevel(logging.WARNING)
-        # Lightning 2.6 on torch 2.14 warns about torch's own pytree API on every fit
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     try:
         if cfg.command == "prune":
             return run_prune(prune_config(parser, cfg))

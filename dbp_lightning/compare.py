@@ -64,35 +64,56 @@ class SubsetSpec(NamedTuple):
 class RecipeConfig:
     """How each model trains (``ProjectionCLIP``) and for how long."""
 
-    embed_dim: int = 256                     #: width of the shared space
-    batch_size: int = 256                    #: contrastive batch
+    embed_dim: int = 256
+    """width of the shared space"""
+    batch_size: int = 256
+    """contrastive batch"""
     lr: float = 1e-3
+    """AdamW peak learning rate (cosine decay after the warmup)"""
     weight_decay: float = 0.1
+    """AdamW weight decay"""
     warmup_steps: int = 50
-    budget: str = "samples_seen"             #: samples_seen (every model sees as many pairs) or epochs
-    samples_seen: Optional[int] = None       #: budget samples_seen: pairs per model (None: 10 passes over the pool)
-    epochs: float = 10.0                     #: budget epochs: passes over each model's own subset
+    """linear warmup steps"""
+    budget: str = "samples_seen"
+    """samples_seen (every model sees as many pairs) or epochs"""
+    samples_seen: Optional[int] = None
+    """budget samples_seen: pairs per model (None: 10 passes over the pool)"""
+    epochs: float = 10.0
+    """budget epochs: passes over each model's own subset"""
 
 
 @dataclass
 class CompareConfig:
     """The experiment; every field is a ``dbp-lightning compare`` option (YAML or flag)."""
 
-    pool: str = ""                           #: training shards: brace pattern, glob or directory
-    eval_root: str = ""                      #: held-out tasks in clip_benchmark's WebDataset layout
-    tasks: list[str] = field(default_factory=lambda: ["demo"])  #: keys, or imagenet / datacomp38 / demo
+    pool: str = ""
+    """training shards: brace pattern, glob or directory"""
+    eval_root: str = ""
+    """held-out tasks in clip_benchmark's WebDataset layout"""
+    tasks: list[str] = field(default_factory=lambda: ["demo"])
+    """keys, or imagenet / datacomp38 / demo"""
     out: str = "runs/compare"
-    cache_dir: Optional[str] = None          #: embedding/prune cache (None: <out>/cache)
+    """results directory: runs/<subset>/seed<s>/, compare_results.{md,csv,json}, compare.png"""
+    cache_dir: Optional[str] = None
+    """embedding/prune cache (None: <out>/cache)"""
     image_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(
         kind="efficientnet_lite0", model="efficientnet-lite0"))
+    """the frozen image tower, whose embeddings are also pruned"""
     text_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(
         kind="sentence_transformers", model="minilm", modality="text"))
-    filters: list[str] = field(default_factory=lambda: ["semdedup"])  #: before random/ssp/dbp
-    prune: PruneConfig = field(default_factory=PruneConfig)  #: stage options; stages set per subset
+    """the frozen text tower"""
+    filters: list[str] = field(default_factory=lambda: ["semdedup"])
+    """filter stages run before random/ssp/dbp (semdedup, clip_score)"""
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    """stage options; stages set per subset"""
     subsets: list[str] = field(default_factory=lambda: ["full", "random-0.5", "ssp-0.5", "dbp-0.5"])
+    """one model per subset: full, semdedup, clip_score, or <random|ssp|dbp>-<fraction kept>"""
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    """how each model trains, and for how long"""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """one run per subset and seed (pruning and training seeded alike)"""
     num_workers: int = 2
+    """data-loading workers when embedding"""
 
     def validate(self) -> "CompareConfig":
         from .evaluation.features import FEATURE_KINDS
@@ -236,6 +257,7 @@ class Experiment:
                   "seed": seed, "settings": settings, "train_pairs": len(image), "steps": steps,
                   "samples_seen": steps * r.batch_size, "final_loss": float(trainer.callback_metrics["train/loss"]),
                   "metrics": {row["dataset"]: row["metrics"].get("main_metric") for row in rows},
+                  "chance": {row["dataset"]: row["chance"] for row in rows if "chance" in row},
                   "average": summary["Average"], "available": summary["available"],
                   "prune_dir": str(prune_dir), "prune_report": json.loads((prune_dir / "report.json").read_text())}
         write_json(done, result)
@@ -334,5 +356,9 @@ def write_outputs(cfg: CompareConfig, results: list[dict], summary: list[dict]) 
         tmp.write_text(format_table(summary) + "\n")
     if summary:
         metrics = metric_names(summary)
-        accuracy_vs_cost(summary, metrics[-1:] + metrics[:-1], cfg.recipe.budget, out / "compare.png")
+        chance = results[0].get("chance", {}) if results else {}
+        if chance and len(chance) == len(metrics) - 1:  # the average's chance: the tasks' mean
+            chance = {**chance, "average": sum(chance.values()) / len(chance)}
+        accuracy_vs_cost(summary, metrics[-1:] + metrics[:-1], cfg.recipe.budget, out / "compare.png",
+                         chance=chance)
     return out / "compare_results.md"

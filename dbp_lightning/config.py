@@ -20,57 +20,96 @@ class SemDeDupConfig:
     """SemDeDup. Its clustering is only a partition that keeps near-duplicates together, so it
     trains on a sample for few iterations (the paper's public code: 100 iterations on all)."""
 
-    k: int = 1000                            #: cells of the dedup partition (two-level above 1,024)
-    niter: int = 10                          #: k-means iterations
-    sample: Optional[int] = None             #: k-means training rows (None: 256 per centroid)
-    passes: int = 2                          #: partitions (seeds) searched; 1 = public SemDeDup
-    eps: Optional[float] = None              #: remove when duplicate similarity > 1 - eps
-    target_fraction: Optional[float] = 0.8   #: or: keep this fraction (eps found exactly)
-    block_size: int = 4096                   #: rows per similarity block
+    k: int = 1000
+    """cells of the dedup partition (two levels above 1,024); at most the pool's size (checked
+    before any embedding starts)"""
+    niter: int = 10
+    """k-means iterations of the dedup partition"""
+    sample: Optional[int] = None
+    """k-means training rows (None: 256 per cell)"""
+    passes: int = 2
+    """partitions (k-means seeds) searched for duplicates; 1 = the public SemDeDup code"""
+    eps: Optional[float] = None
+    """remove a sample whose cosine similarity to a kept one exceeds 1 - eps (give this or
+    target_fraction)"""
+    target_fraction: Optional[float] = 0.8
+    """keep this fraction of the pool, finding the eps that keeps it exactly (give this or eps)"""
+    block_size: int = 4096
+    """rows per block of pairwise similarities (memory: block_size^2 float32 per thread)"""
 
 
 @dataclass
 class ClipScoreConfig:
     """CLIP-score filter on a per-sample metadata column."""
 
-    column: str = "clip_score"               #: metadata column (LAION: similarity; DataComp: clip_l14_similarity_score)
-    threshold: Optional[float] = None        #: keep score >= threshold
-    fraction: Optional[float] = None         #: or: keep the top fraction
+    column: str = "clip_score"
+    """metadata column holding the score (LAION: similarity; DataComp: clip_l14_similarity_score)"""
+    threshold: Optional[float] = None
+    """keep the samples with score >= threshold (give this or fraction)"""
+    fraction: Optional[float] = None
+    """keep this top fraction by score (give this or threshold)"""
 
 
 @dataclass
 class SelectConfig:
     """The final selector (dbp, ssp or random) and its clustering."""
 
-    target_fraction: Optional[float] = None  #: keep this fraction of the samples entering the selector
-    target_size: Optional[int] = None        #: or: keep exactly this many
-    k: int = 500                             #: clusters (paper: 500 LAION, 100 DataComp medium)
-    niter: int = 100                         #: maximum k-means iterations (paper: 100)
-    tol: Optional[float] = 1e-4              #: stop k-means when an iteration gains < tol relative
-    sample: Optional[int] = None             #: k-means training rows (None: 256 per centroid)
-    num_neighbors: int = 20                  #: l nearest centroids in d_inter (paper: 20)
-    temperature: float = 0.1                 #: softmax temperature tau (paper: 0.1)
-    min_per_cluster: int = 1                 #: lower bound of every quota (paper: 1)
-    balance_ratio: float = 0.0               #: cluster balancing ratio (DBP paper: 0; SSP: 1.0)
-    solver: str = "exact"                    #: quota QP: exact or osqp
+    target_fraction: Optional[float] = None
+    """keep this fraction of the samples entering the selector (give this or target_size)"""
+    target_size: Optional[int] = None
+    """keep exactly this many samples (give this or target_fraction)"""
+    k: int = 500
+    """concept clusters (paper: 500 on LAION, 100 on DataComp medium); at most the samples
+    entering the selector (checked against the pool before any embedding starts)"""
+    niter: int = 100
+    """maximum k-means iterations (paper: 100)"""
+    tol: Optional[float] = 1e-4
+    """stop k-means when an iteration improves the objective by less than tol, relative (None:
+    run all niter)"""
+    sample: Optional[int] = None
+    """k-means training rows (None: 256 per centroid)"""
+    num_neighbors: int = 20
+    """nearest other centroids whose mean distance is a cluster's d_inter (paper: l = 20)"""
+    temperature: float = 0.1
+    """softmax temperature tau turning complexity into quotas (paper: 0.1)"""
+    min_per_cluster: int = 1
+    """least samples every cluster keeps (paper: 1)"""
+    balance_ratio: float = 0.0
+    """SSP's cluster balancing ratio (DBP: 0, as in the paper; ssp: 1.0)"""
+    solver: str = "exact"
+    """quota program solver: exact (integer quotas that sum to the target) or osqp (the paper's)"""
 
 
 @dataclass
 class PruneConfig:
     """A prune run: the input, the stages in order, and each stage's options."""
 
-    input: str = ""                          #: the pool: a store, a .npy, a DataComp, clip-retrieval/LAION or NeMo directory
-    input_format: str = "auto"               #: auto, store, npy, datacomp, clip_retrieval or nemo
-    array: Optional[str] = None              #: which embeddings: DataComp l14_img (default), l14_txt, b32_img, b32_txt; clip-retrieval img, txt
-    id_column: Optional[str] = None          #: metadata column identifying a sample (default: uid, else the layout's key, else the row)
-    metadata: Optional[str] = None           #: for a .npy input: parquet with key[, uid, scores]
-    output: str = "runs/prune"               #: run directory to write
+    input: str = ""
+    """the pool: an embedding store, a .npy, or a DataComp, clip-retrieval/LAION or NeMo
+    Curator directory"""
+    input_format: str = "auto"
+    """layout of input: auto, store, npy, datacomp, clip_retrieval or nemo"""
+    array: Optional[str] = None
+    """which embeddings: DataComp l14_img (default), l14_txt, b32_img, b32_txt; clip-retrieval
+    img (default), txt; NeMo the list column (default embedding); a+b joins two"""
+    id_column: Optional[str] = None
+    """metadata column identifying a sample (default: uid, else the layout's key, else the row)"""
+    metadata: Optional[str] = None
+    """for a .npy input: a parquet with key (and uid, scores) per row"""
+    output: str = "runs/prune"
+    """run directory to write (refused if it holds anything but a run)"""
     stages: list[str] = field(default_factory=lambda: ["semdedup", "dbp"])
+    """stages in order: semdedup, then clip_score, then one of dbp, ssp, random"""
     seed: int = 0
-    gpu: str = "auto"                        #: faiss on GPU: auto, true or false
+    """seed of every k-means and of random; same seed, same selection bytes"""
+    gpu: str = "auto"
+    """faiss on GPU: auto (when one is present), true or false"""
     semdedup: SemDeDupConfig = field(default_factory=SemDeDupConfig)
+    """SemDeDup (stage semdedup)"""
     clip_score: ClipScoreConfig = field(default_factory=ClipScoreConfig)
+    """CLIP-score filter (stage clip_score)"""
     select: SelectConfig = field(default_factory=SelectConfig)
+    """the final selector (stage dbp, ssp or random)"""
 
     def validate(self) -> "PruneConfig":
         """Raise ValueError naming the option for anything wrong that needs no data.
@@ -135,15 +174,21 @@ RANDOM_INIT_KINDS = ("open_clip", "timm")  # kinds whose weights come only from 
 class EncoderConfig:
     """Which model embeds the pool, and on what."""
 
-    kind: str = "open_clip"                  #: open_clip, sentence_transformers, efficientnet_lite0, timm
-    model: str = "ViT-B-32"                  #: architecture, model-config JSON, or model directory
-    checkpoint: Optional[str] = None         #: local weights file; open_clip and timm need one
-                                             #: (efficientnet_lite0: its package's by default)
-    modality: str = "image"                  #: image, text, or both (concatenated, renormalised)
-    image_size: Optional[int] = None         #: input resolution (None: the model's own); small
-                                             #: images (the demo's 64 px) need no upscaling
-    random_init: bool = False                #: open_clip/timm with random weights and no
-                                             #: checkpoint: tests and smoke runs only
+    kind: str = "open_clip"
+    """encoder family: open_clip, sentence_transformers, efficientnet_lite0 or timm"""
+    model: str = "ViT-B-32"
+    """architecture name, model-config JSON, or local model directory (sentence_transformers;
+    minilm is the paper's all-MiniLM-L6-v2 from its package)"""
+    checkpoint: Optional[str] = None
+    """local weights file; open_clip and timm need one (efficientnet_lite0: its package's
+    weights by default)"""
+    modality: str = "image"
+    """what is embedded: image, text, or both (concatenated, renormalised)"""
+    image_size: Optional[int] = None
+    """input resolution for efficientnet_lite0 and timm (None: the model's own); small images
+    (the demo's 64 px) need no upscaling"""
+    random_init: bool = False
+    """open_clip or timm with random weights and no checkpoint: tests and smoke runs only"""
 
     def validate(self) -> "EncoderConfig":
         if self.kind not in KINDS:
@@ -179,6 +224,30 @@ class EncoderConfig:
         if not self.random_init:
             del fields["random_init"]
         return fields
+
+
+def check_pool_size(config: PruneConfig, n: int, where: str = "the pool") -> None:
+    """Raise ValueError, saying what to set, for an option the pool of ``n`` samples cannot
+    satisfy (cells or clusters, a target size). Cheap: callers run it before embedding, from
+    the shards' sample counts, so that a hidden default does not fail after the GPU work."""
+    if "semdedup" in config.stages and config.semdedup.k > n:
+        raise ValueError(f"semdedup.k={config.semdedup.k} exceeds the {n:,} samples in {where}: "
+                         f"set semdedup.k to at most {n:,}")
+    if any(s in SELECTORS for s in config.stages):
+        s = config.select
+        if s.target_size is not None and s.target_size > n:
+            raise ValueError(f"select.target_size={s.target_size:,} exceeds the {n:,} samples in "
+                             f"{where}: set a smaller select.target_size or select.target_fraction")
+        if s.k > n and "random" not in config.stages:
+            raise ValueError(f"select.k={s.k} exceeds the {n:,} samples in {where}: set select.k "
+                             f"to at most {n:,}")
+
+
+def default_workers(cap: int = 4) -> int:
+    """Data-loading workers when none are given: ``cap``, or fewer on a machine (or a CPU
+    affinity mask) with fewer cores, so that workers never outnumber the cores they share."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cap, cores))
 
 
 def _stage_rank(stage: str) -> int:

@@ -33,12 +33,12 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from . import cache
-from .config import EncoderConfig, PruneConfig
+from .config import EncoderConfig, PruneConfig, check_pool_size, default_workers
 from .data.keep import KeptIdentities, KeptSamples
 from .data.reshard import reshard
 from .data.stream import Epoch, ResampledShards, SampleShuffle, ShuffledShards
-from .data.shards import (ShardChanged, decode_caption, decode_image, expand_shards, iter_shard,
-                          list_shards, shard_name, shard_stamp, with_id)
+from .data.shards import (ShardChanged, count_pool, decode_caption, decode_image, expand_shards,
+                          iter_shard, list_shards, shard_name, shard_stamp, with_id)
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,8 @@ class DBPDataModule(L.LightningDataModule):
             ``preprocess_train`` if it has one, else resize-crop 224 and ``ToTensor``.
         tokenizer: list[str] -> tensor; default: the module's ``tokenizer``, else raw strings.
         batch_size: training samples per batch and per process.
-        num_workers: dataloader workers (each streams its own shards).
+        num_workers: dataloader workers (each streams its own shards); None: 4, or the
+            cores there are if fewer.
         embed_batch_size: samples per embedding step.
         embed_dtype: "float16" or "float32" for the store.
         val_shards: optional held-out shards, streamed unpruned by ``val_dataloader``.
@@ -215,7 +216,7 @@ class DBPDataModule(L.LightningDataModule):
     def __init__(self, shards: str | list[str], cache_dir: str = "runs/cache",
                  encoder: Optional[EncoderConfig] = None, prune: Optional[PruneConfig] = None,
                  image_transform: Optional[Callable] = None, tokenizer: Optional[Callable] = None,
-                 batch_size: int = 256, num_workers: int = 4, embed_batch_size: int = 256,
+                 batch_size: int = 256, num_workers: Optional[int] = None, embed_batch_size: int = 256,
                  embed_dtype: str = "float16", val_shards: Optional[str | list[str]] = None,
                  reshard: bool | str = False, store: Optional[str] = None,
                  skip_bad_shards: bool = False, selection: Optional[str] = None,
@@ -231,6 +232,9 @@ class DBPDataModule(L.LightningDataModule):
         self.encoder = (encoder or EncoderConfig(kind="efficientnet_lite0", model="efficientnet-lite0")).validate()
         self.prune_config = (dataclasses.replace(prune or PruneConfig(), input="-", output="-").validate()
                              if self.source == "prune" else None)
+        if self.prune_config is not None:
+            self._check_pool_size()
+        num_workers = default_workers() if num_workers is None else num_workers
         if batch_size < 1 or num_workers < 0:
             raise ValueError("batch_size must be >= 1 and num_workers >= 0")
         self.image_transform, self.tokenizer = image_transform, tokenizer
@@ -273,6 +277,18 @@ class DBPDataModule(L.LightningDataModule):
             raise ValueError(f"shards: none of {len(bad)} can be read: "
                              + "; ".join(f"{p} ({why})" for p, why in bad))
         return good
+
+    def _check_pool_size(self) -> None:
+        """Refuse, before anything is embedded, prune options the pool is too small for (a
+        default ``semdedup.k`` of 1,000 on a pool of 200): from the shards' sample counts, read
+        only until the largest size an option needs is reached."""
+        c = self.prune_config
+        needs = [c.semdedup.k if "semdedup" in c.stages else 0,
+                 c.select.k if any(s in ("dbp", "ssp") for s in c.stages) else 0,
+                 c.select.target_size or 0]
+        n, exact = count_pool(self.shards, at_least=max(needs))
+        if exact:
+            check_pool_size(c, n, where="the pool's " + _count(len(self.shards), "shard", "shards"))
 
     def _take_recompute(self, entry: str) -> bool:
         """Whether to make ``entry`` again now (True once per DataModule with ``recompute``)."""
@@ -342,7 +358,8 @@ class DBPDataModule(L.LightningDataModule):
         try:
             if self.source == "prune":
                 self._run_dir = cache.ensure_pruned(self.cache_dir, self.store_dir, self.prune_config,
-                                                    comm=comm, recompute=self._take_recompute("prune"))
+                                                    comm=comm, recompute=self._take_recompute("prune"),
+                                                    report=True)
                 self._load_selection()
             else:
                 self._run_dir = cache.ensure_selection(
@@ -461,6 +478,13 @@ class DBPDataModule(L.LightningDataModule):
         # the stream's filter holds one shard's ids at a time, never a set of the whole pool
         self._kept = KeptSamples(self.store_dir, self.prune_dir)
         self._kept_per_shard = self._kept.per_shard()
+        if self._world()[0] == 0:  # what fit trains on, and where a curator looks at it
+            r = self.report
+            html = self.prune_dir / "report.html"
+            log.info("DBPDataModule: kept %s of %s samples (%.1f%%; %s) -> %s%s", f"{r['kept']:,}",
+                     f"{r['pool']:,}", 100 * r["kept"] / max(r["pool"], 1),
+                     " -> ".join(st["stage"] for st in r["stages"]), self.prune_dir,
+                     f"; report {html}" if html.is_file() else "")
 
     def _load_identities(self) -> None:
         """The selection's scan: the keep test, kept samples per shard, the report, and a line

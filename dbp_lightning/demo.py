@@ -23,14 +23,23 @@ class DemoConfig:
     """What the demo runs; every field is a ``dbp-lightning demo`` flag."""
 
     out: str = "runs/demo"
-    max_per_source: Optional[int] = None     #: cap the pool per source (quick looks, tests)
-    keep: float = 0.5                        #: DBP keeps this fraction of the pool
-    dedup_target_fraction: float = 0.85      #: SemDeDup keeps this fraction of the pool
-    k: int = 50                              #: DBP clusters
-    passes: float = 10.0                     #: samples seen per model, in passes over the full pool
+    """directory of the demo's data, caches, models, table and report.html"""
+    max_per_source: Optional[int] = None
+    """cap the pool per source (quick looks, tests)"""
+    keep: float = 0.5
+    """DBP keeps this fraction of the pool"""
+    dedup_target_fraction: float = 0.85
+    """SemDeDup keeps this fraction of the pool"""
+    k: int = 50
+    """DBP clusters"""
+    passes: float = 10.0
+    """samples seen per model, in passes over the full pool"""
     batch_size: int = 256
+    """contrastive batch of each model"""
     num_workers: int = 2
+    """render and data-loading processes"""
     seed: int = 0
+    """seed of the pruning and of the training"""
 
 
 def compare_config(cfg: DemoConfig, pool_size: int) -> CompareConfig:
@@ -61,9 +70,38 @@ def run_demo(cfg: DemoConfig) -> dict:
     data = Path(cfg.out) / "data"
     built = build_demo(data, DemoSpec(max_per_source=cfg.max_per_source), workers=cfg.num_workers,
                        progress=True)
+    _forget_other_data(Path(cfg.out), built["fingerprint"])
     compare = compare_config(cfg, built["train_samples"])
     runs = run_compare(compare)
     results, summary = collect(compare)
     table = write_outputs(compare, results, summary)
     report = write_report(runs[1]["prune_dir"], compare.pool, out=Path(cfg.out) / "report.html")
     return {"config": asdict(cfg), "data": built, "summary": summary, "table": table, "report": str(report)}
+
+
+def _forget_other_data(out: Path, fingerprint: str) -> None:
+    """Drop the demo's embeddings and models when they were made from other data.
+
+    The cache knows shards by name and size (a pool of 10^8 samples cannot be hashed on every
+    run), and a rebuilt demo shard with other pictures (other fonts, another spec) can keep its
+    size to the tar block: its old embeddings and models would be taken for the new ones. The
+    demo knows its data's fingerprint, so it can tell.
+    """
+    import logging
+    import shutil
+
+    from .atomic import atomic_path
+
+    stamp = out / "data_fingerprint.txt"
+    made_from = stamp.read_text().strip() if stamp.is_file() else None
+    if made_from != fingerprint:
+        stale = [d for d in (out / "cache", out / "runs") if d.exists()]
+        if stale:
+            logging.getLogger(__name__).warning(
+                "demo: the data changed (fingerprint %s, results made from %s): embedding and "
+                "training again", fingerprint, made_from or "unrecorded data")
+            for d in stale:
+                shutil.rmtree(d)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(stamp) as tmp:
+            tmp.write_text(fingerprint + "\n")

@@ -46,7 +46,7 @@ def collective_from_environment() -> Local | TorchCollective:
         return gloo_beside(env.local_rank())
     address = f"tcp://{env.main_address}:{env.main_port}"
     # a launcher that started fewer processes than it announced leaves this waiting: say so
-    log.info("rank %d of %d: joining the group at %s", env.global_rank(), env.world_size(), address)
+    log.debug("rank %d of %d: joining the group at %s", env.global_rank(), env.world_size(), address)
     dist.init_process_group("gloo", init_method=address, rank=env.global_rank(),
                             world_size=env.world_size(), timeout=TIMEOUT)
     return TorchCollective(owns_group=True, local_rank=env.local_rank())

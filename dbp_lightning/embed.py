@@ -29,8 +29,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .atomic import write_json, write_npy, write_parquet
-from .data.shards import (caption_fault, decode_caption, decode_image, expand_shards, iter_shard,
-                          list_shards, sample_id, shard_name, shard_stamp)
+from .data.shards import (caption_fault, count_pool, decode_caption, decode_image, expand_shards,
+                          iter_shard, list_shards, sample_id, shard_name, shard_stamp)
 from .encoders import Encoder, EncoderConfig, build_encoder
 from .lock import DirectoryBusy, directory_lock
 from .store import FORMAT, VERSION, EmbeddingStore
@@ -242,11 +242,14 @@ class ShardWriter(BasePredictionWriter):
         if busy:
             raise DirectoryBusy(busy)
 
-        # samples/s of this rank (Lightning's own bar would count chunks)
+        # samples/s of this rank (Lightning's own bar would count chunks), with an ETA: the total
+        # from img2dataset's counts or the tar headers of up to 64 shards (estimated beyond)
         enc = self.info.get("encoder", {})  # which tower: a demo embeds the pool twice
+        todo = [s for s in self.shards[trainer.global_rank :: trainer.world_size]
+                if not is_done(self.out_dir, s)]
+        total = count_pool(todo, scan=64)[0] if trainer.is_global_zero else None
         self.bar = tqdm(desc=f"embed {enc.get('model', '')} {enc.get('modality', '')} (rank {trainer.global_rank})",
-                        unit="sample",
-                        disable=not trainer.is_global_zero)
+                        unit="sample", total=total or None, disable=not trainer.is_global_zero)
         # the ids of this rank's shards a previous run finished, so a repeat is found at once
         for shard in self.shards[trainer.global_rank :: trainer.world_size]:
             if is_done(self.out_dir, shard) and (self.out_dir / f"{shard_name(shard)}.parquet").is_file():

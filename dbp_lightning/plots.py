@@ -70,18 +70,23 @@ def quota_profile(clusters: pa.Table, target: int, path: str | os.PathLike) -> N
     plt.close(fig)
 
 
-def accuracy_vs_cost(summary: list[dict], metrics: list[str], budget: str, path: str | os.PathLike) -> None:
+def accuracy_vs_cost(summary: list[dict], metrics: list[str], budget: str, path: str | os.PathLike,
+                     chance: dict[str, float] | None = None) -> None:
     """Paper Fig. 1/3: zero-shot metric against training cost, mean +- std over seeds.
 
     ``summary``: rows of ``compare.collect`` (metric -> (mean, std)), one panel per ``metrics``
     name, in that order. Equal samples seen: x is the subset's size, the cost being equal;
-    equal epochs: x is the samples seen, the cost.
+    equal epochs: x is the samples seen, the cost. ``chance``: each metric's level for a model
+    that guesses, drawn as a dashed line. Every panel's y axis spans at least 0.1 and reaches
+    down to chance, so that a 0.02 difference looks like one.
     """
     plt = _pyplot()
+    chance = chance or {}
     xkey = "train_pairs" if budget == "samples_seen" else "samples_seen"
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.8), squeeze=False)
     methods = list(dict.fromkeys(r["method"] for r in summary))
     for ax, metric in zip(axes[0], metrics):
+        lows, highs = [], []
         for i, method in enumerate(methods):
             rows = sorted((r for r in summary if r["method"] == method and r[metric] is not None),
                           key=lambda r: r[xkey])
@@ -90,6 +95,15 @@ def accuracy_vs_cost(summary: list[dict], metrics: list[str], budget: str, path:
             ax.errorbar([r[xkey] for r in rows], [r[metric][0] for r in rows],
                         yerr=[r[metric][1] for r in rows], fmt="o-" if len(rows) > 1 else "o",
                         color=f"C{i}", capsize=3, label=method)
+            lows += [r[metric][0] - r[metric][1] for r in rows]
+            highs += [r[metric][0] + r[metric][1] for r in rows]
+        if metric in chance:
+            ax.axhline(chance[metric], color="0.4", ls="--", lw=1, label="chance")
+            lows.append(chance[metric])
+        if lows:
+            lo, hi = min(lows), max(highs)
+            pad = max(0.1 - (hi - lo), 0.0) / 2 + 0.05 * max(hi - lo, 0.1)
+            ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad) if hi <= 1 else hi + pad)
         ax.set_title(metric, fontsize=10)
         ax.set_xlabel("training pairs (equal samples seen)" if xkey == "train_pairs" else "samples seen")
         ax.grid(alpha=0.3)

@@ -191,6 +191,16 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
+
+def source_shards(store: str | os.PathLike) -> list[str] | None:
+    """The WebDataset shards the store at ``store`` was embedded from, when they are all still
+    there (a report can then show the pictures); None otherwise, and for a ``.npy``."""
+    if not Path(store).is_dir():
+        return None
+    shards = read_manifest(store).get("source_shards")
+    return shards if shards and all(os.path.isfile(s) for s in shards) else None
+
+
 def fingerprint(path: str | os.PathLike) -> str:
     """sha256 of the store's manifest: names, row counts and provenance of every shard. A prune
     run records it as its ``input``; the prune cache is keyed by it."""

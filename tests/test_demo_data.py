@@ -61,3 +61,28 @@ def test_demo_build_is_byte_identical_across_workers_and_runs(tmp_path):
     assert len(files) >= 2
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_demo_rebuild_with_another_spec_leaves_no_old_shard(tmp_path, monkeypatch):
+    """A smaller build into the directory of a larger one is the smaller pool alone (the old
+    shards once stayed beside it and the demo met each of their samples twice)."""
+    import pytest
+
+    import dbp_lightning.data.demo as demo
+
+    monkeypatch.setattr(demo, "OPENCLIPART_ROOT", str(tmp_path / "no-openclipart"))
+    monkeypatch.setattr(demo, "FASHION_MNIST_ROOT", str(tmp_path / "no-fmnist"))
+    big = build_demo(tmp_path / "demo", DemoSpec(max_per_source=60, shard_size=10), workers=1)
+    small = build_demo(tmp_path / "demo", DemoSpec(max_per_source=20, shard_size=10), workers=1)
+    assert big["train_shards"] > small["train_shards"]
+    tars = sorted((tmp_path / "demo" / "train").glob("*.tar"))
+    assert len(tars) == small["train_shards"]
+    keys = [s["__key__"] for t in tars for s in wds.WebDataset(str(t), shardshuffle=False, empty_check=False)]
+    assert len(keys) == small["sources"]["openmoji"]["train"] == len(set(keys))
+    assert not [p.name for p in tmp_path.iterdir() if ".swap-" in p.name or ".old-" in p.name]
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a demo build")
+    with pytest.raises(ValueError, match="mine: not empty and holds no demo build"):
+        build_demo(tmp_path / "mine", DemoSpec(max_per_source=20), workers=1)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "not a demo build"

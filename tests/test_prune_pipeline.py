@@ -101,8 +101,8 @@ def test_in_memory_array_and_non_normalised_rows_warn(rng):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"select.target_size": 10**6, "select.target_fraction": None}, "exceeds the pool of 6000"),
-    ({"select.k": 7000}, "select.k=7000 exceeds the pool"),
+    ({"select.target_size": 10**6, "select.target_fraction": None}, "exceeds the 6,000 samples in the pool"),
+    ({"select.k": 7000}, "select.k=7000 exceeds the 6,000 samples in the pool: set select.k"),
     ({"semdedup.k": 6001}, "semdedup.k=6001"),
     ({"select.temperature": 0.0}, "select.temperature must be > 0"),
     ({"stages": ["semdedup", "dpb"]}, "unknown stage 'dpb'"),

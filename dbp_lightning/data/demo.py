@@ -45,10 +45,12 @@ NS = {"dc": "http://purl.org/dc/elements/1.1/", "rdf": "http://www.w3.org/1999/0
 
 class Item(NamedTuple):
     source: str
-    ident: str      #: unique within the source (file path relative to the source root)
+    ident: str
+    """unique within the source (file path relative to the source root)"""
     caption: str
     category: str
-    path: str       #: the SVG to render
+    path: str
+    """the SVG to render"""
 
     @property
     def uid(self) -> str:
@@ -58,11 +60,16 @@ class Item(NamedTuple):
 
 @dataclass
 class DemoSpec:
-    size: int = 64                  #: rendered images are size x size pixels, on white
-    eval_fraction: float = 0.1      #: SVG items held out for evaluation
-    shard_size: int = 1000          #: samples per training shard
-    max_per_source: Optional[int] = None  #: cap per source (tests, quick looks)
-    seed: int = 0                   #: salts the hold-out hash
+    size: int = 64
+    """rendered images are size x size pixels, on white"""
+    eval_fraction: float = 0.1
+    """SVG items held out for evaluation"""
+    shard_size: int = 1000
+    """samples per training shard"""
+    max_per_source: Optional[int] = None
+    """cap per source (tests, quick looks)"""
+    seed: int = 0
+    """salts the hold-out hash"""
 
     def __post_init__(self):
         if not 0 <= self.eval_fraction < 1:
@@ -155,7 +162,11 @@ def fashion_mnist_test(counts: dict, root: Optional[str] = None):
 def render(path: str, size: int) -> Optional[bytes]:
     """PNG bytes of an SVG at size x size on white; None when the SVG does not render, or
     renders as one flat colour (content cairosvg cannot draw: a blank picture with a real
-    caption would only teach noise, and SemDeDup would collapse all of them into one)."""
+    caption would only teach noise, and SemDeDup would collapse all of them into one).
+    Text is drawn with the project's fonts only (:func:`~dbp_lightning.data.fonts.pin_fonts`)."""
+    from .fonts import pin_fonts
+
+    pin_fonts()  # before cairo's first text: fontconfig reads its configuration once
     import cairocffi
     import cairosvg
     from PIL import Image
@@ -202,18 +213,46 @@ def build_demo(out: str | os.PathLike, spec: DemoSpec = DemoSpec(), workers: int
                progress: bool = False) -> dict:
     """Write the demo pool and evaluation sets under ``out``; returns (and writes) the counts.
 
-    A complete ``out`` (with ``demo_data.json`` for the same spec) is reused as it is.
-    """
-    from tqdm.auto import tqdm
+    A complete ``out`` (with ``demo_data.json`` for the same spec and font set) is reused as it
+    is. Another build is replaced whole: the new one is written beside it and takes its place in one
+    rename, so no shard of the old pool survives into the new one and a killed build leaves the
+    old one as it was. A directory that holds anything else is refused.
 
-    from ..atomic import write_json
-    from .shards import write_tar
+    Raises:
+        ValueError: ``out`` is not empty and holds no demo build.
+        DirectoryBusy: another process is building into ``out``.
+    """
+    from ..atomic import atomic_dir, recover_dir
+    from ..lock import directory_lock
+    from .fonts import pin_fonts
 
     out = Path(out)
     done = out / "demo_data.json"
-    if done.is_file() and json.loads(done.read_text()).get("spec") == asdict(spec):
-        return json.loads(done.read_text())
+    with directory_lock(out):
+        recover_dir(out)
+        if done.is_file():
+            built = json.loads(done.read_text())
+            # the same spec rendered with the same fonts (a build from before the fonts were
+            # pinned has none recorded, and is made again)
+            if built.get("spec") == asdict(spec) and built.get("fonts") == pin_fonts():
+                return built
+        elif out.is_dir() and any(out.iterdir()):
+            raise ValueError(f"{out}: not empty and holds no demo build (no demo_data.json); "
+                             "give the demo data an empty or new directory")
+        with atomic_dir(out) as stage:
+            return _build(stage, spec, workers, progress)
+
+
+def _build(out: Path, spec: DemoSpec, workers: int, progress: bool) -> dict:
     from collections import Counter, defaultdict
+
+    from tqdm.auto import tqdm
+
+    from ..atomic import write_json
+    from .fonts import pin_fonts
+    from .shards import write_tar
+
+    done = out / "demo_data.json"
 
     counts: dict = defaultdict(Counter)
     counts["left_out"] = {}
@@ -221,6 +260,7 @@ def build_demo(out: str | os.PathLike, spec: DemoSpec = DemoSpec(), workers: int
     for source in (openmoji_items, openclipart_items):
         found = list(source(counts))
         items += found[: spec.max_per_source] if spec.max_per_source else found
+    fonts = pin_fonts()  # the workers inherit it
     with ProcessPoolExecutor(max_workers=workers) as pool:
         pngs = list(tqdm(pool.map(render, [i.path for i in items], [spec.size] * len(items), chunksize=32),
                          total=len(items), desc="render", disable=not progress))
@@ -264,6 +304,19 @@ def build_demo(out: str | os.PathLike, spec: DemoSpec = DemoSpec(), workers: int
     report = {"spec": asdict(spec), "train_samples": len(train),
               "train_shards": -(-len(train) // spec.shard_size),
               "sources": {k: dict(v) for k, v in counts.items() if k != "left_out"},
-              "left_out": counts["left_out"]}
+              "left_out": counts["left_out"], "fonts": fonts, "fingerprint": data_fingerprint(out)}
     write_json(done, report)
     return report
+
+
+def data_fingerprint(out: str | os.PathLike) -> str:
+    """16 hex digits of every file of a demo build but ``demo_data.json`` (relative paths and
+    bytes): two machines whose builds print the same fingerprint trained on the same data."""
+    out = Path(out)
+    h = hashlib.blake2b(digest_size=8)
+    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "demo_data.json"):
+        h.update(f"{path.relative_to(out).as_posix()}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()

@@ -206,6 +206,55 @@ def img2dataset_expected(path: str) -> int | None:
     return None
 
 
+def count_samples(path: str, headers: bool = True) -> int | None:
+    """Samples (keys with an image) in the shard ``path``, without reading the images: img2dataset's
+    count beside it when there is one, else (``headers``) the tar's headers, a seek per member of
+    a plain tar (a compressed one is not counted). None when it is not counted. Approximate
+    where a shard is damaged or a sample lacks its caption (the reader counts those exactly)."""
+    known = img2dataset_expected(path)
+    if known is not None or not headers:
+        return known
+    try:
+        with tarfile.open(path, mode="r:") as tar:  # a plain tar only: headers, data seeked over
+            keys = set()
+            for info in tar:
+                m = _KEY_EXT.match(info.name)
+                if (info.isreg() and m and not _META.match(info.name)
+                        and m.group(2).lower() in IMAGE_EXTENSIONS):
+                    keys.add(m.group(1))
+                tar.members = []
+            return len(keys)
+    except (tarfile.TarError, OSError, EOFError):
+        return None
+
+
+def count_pool(paths: list[str], at_least: int | None = None,
+               scan: int | None = None) -> tuple[int, bool]:
+    """(samples, exact) in the shards ``paths``, from :func:`count_samples`.
+
+    Args:
+        at_least: stop as soon as this many are found (the pool is then known to be at least
+            that large: what a size check needs, one shard's worth on a large pool).
+        scan: read the tar headers of at most this many shards, evenly spread (img2dataset's
+            counts are read for all): a progress bar's total on 10^4 shards in a second.
+
+    Shards not counted are estimated at the samples per byte of those counted (``exact`` False).
+    """
+    headers = set(range(len(paths)) if scan is None or len(paths) <= scan
+                  else (i * len(paths) // scan for i in range(scan)))
+    counted = counted_bytes = unknown_bytes = 0
+    for i, path in enumerate(paths):
+        n = count_samples(path, headers=i in headers)
+        if n is None:
+            unknown_bytes += os.path.getsize(path)
+            continue
+        counted, counted_bytes = counted + n, counted_bytes + os.path.getsize(path)
+        if at_least is not None and counted >= at_least:
+            return counted, True
+    estimate = round(unknown_bytes * counted / counted_bytes) if counted_bytes else 0
+    return counted + estimate, unknown_bytes == 0
+
+
 #: webdataset's split of a member name into sample key and extension (``base_plus_ext``), and
 #: the member names it skips (``__meta__`` entries)
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")

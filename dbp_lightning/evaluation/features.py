@@ -154,6 +154,15 @@ def retrieval_metrics(scores: np.ndarray, text_image: np.ndarray, ks=(1, 5, 10))
     return out
 
 
+def chance_level(metric: str, f: TaskFeatures) -> float:
+    """What ``metric`` scores on the task ``f`` for a model that guesses: 1/C for accuracy and
+    per-class recall over C classes (k/C for top-k), k/N for recall@k among N images (either way,
+    with one caption per image, as the demo's and clip_benchmark's retrieval sets mostly have)."""
+    k = int(metric.rsplit("@", 1)[1]) if "@" in metric else 5 if metric == "acc5" else 1
+    n = len(f.image) if f.kind == "retrieval" else f.class_text.shape[0]
+    return min(1.0, k / n)
+
+
 @torch.no_grad()
 def evaluate_features(model, features: dict[str, TaskFeatures], tasks: list[Task]) -> tuple[list[dict], dict]:
     """Rows and aggregate as ``evaluate_tasks`` returns them, for a model with
@@ -175,6 +184,7 @@ def evaluate_features(model, features: dict[str, TaskFeatures], tasks: list[Task
             prompts = model.encode_text(torch.from_numpy(f.class_text.reshape(c * t, d))).reshape(c, t, -1)
             classes = F.normalize(prompts.mean(1), dim=-1).numpy()
             metrics = classification_metrics(image @ classes.T, f.labels)
-        rows.append({**row, "status": "ok", "metrics": {**metrics, "main_metric": metrics[task.main_metric]}})
+        rows.append({**row, "status": "ok", "metrics": {**metrics, "main_metric": metrics[task.main_metric]},
+                     "chance": chance_level(task.main_metric, f)})
     results = {r["dataset"]: r["metrics"]["main_metric"] for r in rows if r["status"] == "ok"}
     return rows, aggregate(results, requested=tasks)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .aggregate import aggregate
+from .aggregate import aggregate, label
 from .grouped import grouped_metrics
 from .hf_copy import ImageCaptions, load_test_split
 from .winogavil import evaluate_winogavil
@@ -171,7 +171,8 @@ def format_table(rows: list[dict], summary: dict) -> str:
         lines.append(f"| {r['dataset']} | {_main_metric_name(r)} | {value} |")
     for group in ("ImageNet", "ImageNet dist. shifts", "VTAB", "Retrieval", "Average"):
         value = summary.get(group)
-        lines.append(f"| **{group}** | mean | {'-' if value is None else f'{value:.4f}'} |")
+        if value is not None:  # a group with no task evaluated has no row
+            lines.append(f"| **{label(group, summary)}** | mean | {value:.4f} |")
     lines.append(f"| tasks evaluated | | {summary['available']} |")
     return "\n".join(lines)
 

@@ -186,7 +186,7 @@ def spherical_kmeans(x, k: int, niter: int = 100, seed: int = 0, sample: int | N
     centroids = comm.broadcast(centroids)
     done = int(comm.broadcast(None if done is None else np.array([done]))[0])
     assignment, similarity = assign(emb, centroids, gpu=gpu_on, progress=progress, comm=comm)
-    log.info("spherical k-means: k=%d, %d train rows, %d iterations, mean cosine %.4f",
+    log.debug("spherical k-means: k=%d, %d train rows, %d iterations, mean cosine %.4f",
              k, n_train, done, float(similarity.mean(dtype=np.float64)))
     return KMeansResult(centroids, assignment, similarity, done)
 

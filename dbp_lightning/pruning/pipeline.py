@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import SELECTORS, PruneConfig
+from ..config import SELECTORS, PruneConfig, check_pool_size
 from ..memory import peak_rss_mb
 from ..store import EmbeddingStore
 from .clip_score import clip_score_filter
@@ -75,17 +75,10 @@ def _check_against_data(config: PruneConfig, n: int, metadata: pa.Table) -> None
         dup = counts[top.as_py()]
         raise ValueError(f"metadata: {name} {dup['values'].as_py()!r} occurs {dup['counts'].as_py()} "
                          f"times; the {name} column identifies a sample and must be unique")
-    if "semdedup" in config.stages and config.semdedup.k > n:
-        raise ValueError(f"semdedup.k={config.semdedup.k} exceeds the pool of {n} samples")
+    check_pool_size(config, n)
     if "clip_score" in config.stages and config.clip_score.column not in metadata.column_names:
         raise ValueError(f"clip_score.column: no column {config.clip_score.column!r} in the "
                          f"metadata (columns: {', '.join(metadata.column_names)})")
-    if any(s in SELECTORS for s in config.stages):
-        s = config.select
-        if s.target_size is not None and s.target_size > n:
-            raise ValueError(f"select.target_size={s.target_size} exceeds the pool of {n} samples")
-        if s.k > n and "random" not in config.stages:
-            raise ValueError(f"select.k={s.k} exceeds the pool of {n} samples")
 
 
 def _check_selector(selector: str, s, target: int, n_left: int, before: list[str]) -> None:
@@ -146,7 +139,8 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
         stages.append({"stage": name, "in": n_in, "out": int(alive.sum()),
                        "seconds": round(time.perf_counter() - started, 3),
                        "peak_rss_mb": round(peak_rss_mb(), 1), **details})
-        log.info("%s: %d -> %d samples", name, n_in, int(alive.sum()))
+        log.info("%s: %s -> %s samples in %.1f s", name, f"{n_in:,}", f"{int(alive.sum()):,}",
+                 stages[-1]["seconds"])
 
     if "semdedup" in config.stages:
         d, t0 = config.semdedup, time.perf_counter()
