@@ -22,6 +22,7 @@ with polishing (``solver: osqp`` here), each rounded with ``np.rint``.
     python benchmarks/bench_prune.py --n 1000000          # the README's table
     python benchmarks/bench_prune.py --n 100000 --dedup-k-baseline 300   # a quick look
     python benchmarks/bench_prune.py --quotas-only                        # the solver table alone
+    python benchmarks/bench_prune.py --backend torch     # also ours on the PyTorch backend
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def rss_mb() -> float:
 
 # --------------------------------------------------------------------------- workers
 def worker_ours(store_path: str, out: str, keep: float, dedup_k: int, dedup_niter: int,
-                passes: int) -> dict:
+                passes: int, backend: str = "faiss") -> dict:
     from dbp_lightning.pruning import (cluster_complexity, dbp_quotas, dbp_select,
                                        duplicate_similarity, spherical_kmeans)
     from dbp_lightning.pruning.embeddings import as_embeddings
@@ -58,17 +59,19 @@ def worker_ours(store_path: str, out: str, keep: float, dedup_k: int, dedup_nite
     emb = as_embeddings(EmbeddingStore(store_path).embeddings)
     stages["load+validate"] = (time.perf_counter() - t, rss_mb())
     t = time.perf_counter()
-    parts = [spherical_kmeans(emb, dedup_k, niter=dedup_niter, seed=p) for p in range(passes)]
+    parts = [spherical_kmeans(emb, dedup_k, niter=dedup_niter, seed=p, backend=backend)
+             for p in range(passes)]
     stages["dedup k-means"] = (time.perf_counter() - t, rss_mb())
     t = time.perf_counter()
-    dup_sim = duplicate_similarity(emb, [p.assignment for p in parts], parts[0].similarity)
+    dup_sim = duplicate_similarity(emb, [p.assignment for p in parts], parts[0].similarity,
+                                   backend=backend)
     dedup_keep = dup_sim <= 1 - EPS
     stages["semdedup"] = (time.perf_counter() - t, rss_mb())
     rows = np.flatnonzero(dedup_keep)
     sub = emb.subset(rows)
     target = round(keep * len(rows))
     t = time.perf_counter()
-    km2 = spherical_kmeans(sub, DBP_K, niter=DBP_NITER, seed=0, tol=1e-4)
+    km2 = spherical_kmeans(sub, DBP_K, niter=DBP_NITER, seed=0, tol=1e-4, backend=backend)
     stages["dbp k-means"] = (time.perf_counter() - t, rss_mb())
     t = time.perf_counter()
     cc = cluster_complexity(sub, km2.centroids, km2.assignment, NEIGHBORS, similarity=km2.similarity)
@@ -156,6 +159,21 @@ def group_survivors(keep: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np
     return np.bincount(inverse, weights=keep[in_group], minlength=len(ids)).astype(int), size
 
 
+def paper_call(t: np.ndarray, lower: np.ndarray, upper: np.ndarray, total: int) -> np.ndarray | None:
+    """The quota QP as the paper's code solves it: qpsolvers + OSQP at its default settings;
+    None where OSQP stops without a solution (qpsolvers warns and returns None)."""
+    import warnings
+
+    import scipy.sparse as sp
+    from qpsolvers import solve_qp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return solve_qp(P=sp.identity(len(t), format="csc") * 2.0, q=-2.0 * t,
+                        A=sp.csc_matrix(np.ones((1, len(t)))), b=np.array([float(total)]),
+                        lb=lower.astype(float), ub=upper.astype(float), solver="osqp")
+
+
 def quota_timing(repeats: int) -> list[dict]:
     from dbp_lightning.pruning.quotas import _solve_osqp, dbp_quotas, quota_bounds, softmax_probabilities
 
@@ -171,11 +189,14 @@ def quota_timing(repeats: int) -> list[dict]:
             lower, upper = quota_bounds(sizes, target)
             tt = softmax_probabilities(complexity, sizes, 0.1) * target
             t = time.perf_counter(); x = _solve_osqp(tt, lower, upper, target); t_osqp.append(time.perf_counter() - t)
-            t = time.perf_counter(); xp = _solve_osqp(tt, lower, upper, target, tight=False)
+            t = time.perf_counter(); xp = paper_call(tt, lower, upper, target)
             t_paper.append(time.perf_counter() - t)
         row = {"k": k, "exact_s": float(np.median(t_exact)), "osqp_s": float(np.median(t_osqp)),
                "paper_s": float(np.median(t_paper)), "exact_sum_ok": int(q.sum()) == target}
         for name, sol in (("tight", x), ("paper", xp)):
+            if sol is None:  # OSQP stopped at its iteration limit: qpsolvers returns no solution
+                row[f"{name}_sum_off"] = row[f"{name}_violations"] = row[f"{name}_l1"] = None
+                continue
             rint = np.rint(sol).astype(int)
             row[f"{name}_sum_off"] = int(rint.sum()) - target
             row[f"{name}_violations"] = int(((rint < lower) | (rint > upper)).sum())
@@ -196,7 +217,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="repeats of the quota timing")
     ap.add_argument("--workdir", default="/tmp/dbp_bench_prune")
     ap.add_argument("--quotas-only", action="store_true", help="only the quota solver table")
-    ap.add_argument("--worker", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    ap.add_argument("--backend", choices=["faiss", "torch"], default="faiss",
+                    help="torch: also run ours on the PyTorch backend (CPU here) beside faiss")
+    ap.add_argument("--worker", choices=["ours", "ours-torch", "baseline"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quotas_only:
         print_quota_table(args.repeats)
@@ -206,8 +229,9 @@ def main() -> None:
 
     if args.worker:  # child process: one side, JSON on stdout
         out = str(work / f"{args.worker}.npz")
-        if args.worker == "ours":
-            res = worker_ours(str(store), out, args.keep, args.dedup_k, args.dedup_niter, args.dedup_passes)
+        if args.worker.startswith("ours"):
+            res = worker_ours(str(store), out, args.keep, args.dedup_k, args.dedup_niter, args.dedup_passes,
+                              backend="torch" if args.worker == "ours-torch" else "faiss")
         else:
             res = worker_baseline(str(store), out, args.keep, args.dedup_k_baseline)
         print("RESULT " + json.dumps(res))
@@ -219,7 +243,7 @@ def main() -> None:
     if not (store / "manifest.json").exists():
         write_pool_store(store, PoolSpec(n=args.n, dim=args.dim, n_concepts=2000), progress=True)
     results = {}
-    for side in ("ours", "baseline"):
+    for side in ("ours", "baseline") + (("ours-torch",) if args.backend == "torch" else ()):
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--worker", side],
                               capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -231,7 +255,7 @@ def main() -> None:
         print(f"{side}: {results[side]['wall']:.1f} s", flush=True)
 
     group = EmbeddingStore(store).metadata(["dup_group"]).column("dup_group").to_numpy()
-    saved = {s: np.load(work / f"{s}.npz") for s in results}
+    saved = {s: np.load(work / f"{s}.npz") for s in ("ours", "baseline")}
     emb_mb = args.n * args.dim * 4 / 2**20
 
     print(f"\npool: {args.n:,} x {args.dim} float32 ({emb_mb:.0f} MiB), "
@@ -275,7 +299,23 @@ def main() -> None:
     print(f"| quotas outside 1 <= x_j <= M_j | {results['ours']['qviol']} | {results['baseline']['qviol']} |")
     print(f"| peak RSS / embedding bytes | {peak_o / emb_mb:.2f} | {peak_b / emb_mb:.2f} |")
 
+    if "ours-torch" in results:
+        print_backend_table(results, work)
     print_quota_table(args.repeats)
+
+
+def print_backend_table(results: dict, work: Path) -> None:
+    """ours on faiss against ours on the PyTorch backend (this machine's CPU): seconds per
+    stage, and whether the two wrote the same arrays."""
+    a, b = np.load(work / "ours.npz"), np.load(work / "ours-torch.npz")
+    same = all(np.array_equal(a[name], b[name]) for name in a.files)
+    print("\n| stage | ours, faiss s | ours, torch (CPU) s | torch / faiss |\n|---|---:|---:|---:|")
+    for stage, (tf, _) in results["ours"]["stages"].items():
+        tt = results["ours-torch"]["stages"][stage][0]
+        print(f"| {stage} | {tf:.1f} | {tt:.1f} | {tt / max(tf, 1e-9):.2f}x |")
+    print(f"| whole run (wall) | {results['ours']['wall']:.1f} | {results['ours-torch']['wall']:.1f} | "
+          f"{results['ours-torch']['wall'] / results['ours']['wall']:.2f}x |")
+    print(f"\nsame arrays on both backends (dedup keep, DBP clusters, quotas, selection): {same}")
 
 
 def print_quota_table(repeats: int) -> None:
@@ -289,8 +329,13 @@ def print_quota_table(repeats: int) -> None:
     for r in quota_timing(repeats):
         print(f"| {r['k']:,} | {r['exact_s']:.4f} | {r['paper_s']:.4f} | {r['osqp_s']:.4f} | "
               f"{r['paper_s'] / r['exact_s']:.0f}x | {r['osqp_s'] / r['exact_s']:.0f}x | {r['exact_sum_ok']} | "
-              f"{r['paper_sum_off']}, {r['paper_violations']}, {r['paper_l1']:,} | "
-              f"{r['tight_sum_off']}, {r['tight_violations']}, {r['tight_l1']:,} |")
+              f"{_rounded(r, 'paper')} | {_rounded(r, 'tight')} |")
+
+
+def _rounded(row: dict, name: str) -> str:
+    if row[f"{name}_sum_off"] is None:
+        return "no solution (OSQP's iteration limit)"
+    return f"{row[f'{name}_sum_off']}, {row[f'{name}_violations']}, {row[f'{name}_l1']:,}"
 
 if __name__ == "__main__":
     main()

@@ -123,8 +123,9 @@ _PRUNE_KEYED = {
 #: the option groups each stage reads; a group of a stage not run is left out of the key
 _STAGE_OPTIONS = {"semdedup": "semdedup", "clip_score": "clip_score", "dbp": "select",
                   "ssp": "select", "random": "select"}
-#: what names the run's input and output, not how it prunes
-_PRUNE_IO = ("input", "output", "metadata")
+#: what names the run's input and output, or where its estimates run (the same bytes on any
+#: backend: see pruning/backend.py), not how it prunes
+_PRUNE_IO = ("input", "output", "metadata", "backend")
 
 
 def _keyed(options, always: tuple[str, ...], skip: tuple[str, ...] = ()) -> dict:

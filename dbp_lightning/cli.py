@@ -225,8 +225,10 @@ def run_prune(config: PruneConfig) -> int:
     print(f"{'stage':<12}{'in':>12}{'out':>12}{'seconds':>10}")
     for st in result.report["stages"]:
         print(f"{st['stage']:<12}{st['in']:>12,}{st['out']:>12,}{st['seconds']:>10.2f}")
-    processes = f" ({comm.world_size} processes)" if comm.world_size > 1 else ""
-    print(f"kept {result.report['kept']:,} of {result.report['pool']:,}{processes} -> {out}")
+    processes = f"{comm.world_size} processes, " if comm.world_size > 1 else ""
+    where = result.report["backend"]
+    print(f"kept {result.report['kept']:,} of {result.report['pool']:,} ({processes}{where['kind']} on "
+          f"{where['device']}) -> {out}")
     if (out / "report.html").is_file():
         print(f"report -> {out / 'report.html'}")
     return 0

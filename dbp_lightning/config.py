@@ -103,7 +103,11 @@ class PruneConfig:
     seed: int = 0
     """seed of every k-means and of random; same seed, same selection bytes"""
     gpu: str = "auto"
-    """faiss on GPU: auto (when one is present), true or false"""
+    """use a GPU: auto (when one is present), true or false"""
+    backend: str = "auto"
+    """where k-means searches and SemDeDup's block similarities run: auto (faiss-gpu where
+    installed with a GPU, else torch on CUDA, else faiss on CPU), faiss or torch; the selection
+    is the same bytes on any"""
     semdedup: SemDeDupConfig = field(default_factory=SemDeDupConfig)
     """SemDeDup (stage semdedup)"""
     clip_score: ClipScoreConfig = field(default_factory=ClipScoreConfig)
@@ -126,6 +130,7 @@ class PruneConfig:
         _check(sum(s in SELECTORS for s in self.stages) <= 1,
                "stages: at most one of dbp, ssp, random")
         _check(self.gpu in ("auto", "true", "false", True, False), "gpu: auto, true or false")
+        _check(self.backend in ("auto", "faiss", "torch"), f"backend: auto, faiss or torch, got {self.backend!r}")
         if "semdedup" in self.stages:
             d = self.semdedup
             _check((d.eps is None) != (d.target_fraction is None),

@@ -1,5 +1,6 @@
-"""Spherical k-means: train on a sample, assign every row in streamed blocks; faiss searches,
-and :mod:`.exact` makes every assignment and similarity independent of how it summed."""
+"""Spherical k-means: train on a sample, assign every row in streamed blocks; faiss or torch
+searches (:mod:`.backend`), and :mod:`.exact` makes every assignment and similarity independent
+of how it summed, and so of the backend."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
+from .backend import Backend, TorchTop2, resolve_backend
 from .collective import Local, block_range, owners
 from .embeddings import as_embeddings
 from .exact import (SLACK, dot_bound, exact_argmax, first_twin, max_norm, row_sims,
@@ -25,18 +27,6 @@ def _faiss():
         raise ImportError("faiss is missing: install dbp-lightning[cpu] (faiss-cpu) or "
                           "dbp-lightning[gpu] (faiss-gpu), never both") from exc
     return faiss
-
-
-def use_gpu(gpu: str | bool) -> bool:
-    """Resolve ``gpu`` ("auto", True or False) against the GPUs faiss can see."""
-    if gpu not in ("auto", True, False):
-        raise ValueError(f"gpu must be 'auto', True or False, got {gpu!r}")
-    faiss = _faiss()
-    n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if gpu is True and n_gpus == 0:
-        raise ValueError("gpu=True but faiss sees no GPU: install dbp-lightning[gpu] on a CUDA "
-                         "machine, or use gpu='auto'")
-    return bool(n_gpus) if gpu == "auto" else bool(gpu)
 
 
 class KMeansResult(NamedTuple):
@@ -64,22 +54,24 @@ class _Nearest:
     faiss ran on.
     """
 
-    def __init__(self, centroids: np.ndarray, gpu_on: bool, comm=None):
-        faiss = _faiss()
+    def __init__(self, centroids: np.ndarray, backend: Backend, comm=None):
         comm = comm or Local()
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         self.k, self.d = self.centroids.shape
         self.norm = max_norm(self.centroids)
         self.twin = first_twin(self.centroids)
+        self._resources = None  # lives as long as the index is searched
+        if backend.kind == "torch":
+            self.index = TorchTop2(self.centroids, backend.device)
+            return
+        faiss = _faiss()
         index = faiss.IndexFlatIP(self.d)
         index.add(self.centroids)
-        self._resources = None  # lives as long as the index is searched
-        if gpu_on and comm.world_size == 1:
+        if backend.device != "cpu" and comm.world_size == 1:
             index = faiss.index_cpu_to_all_gpus(index)
-        elif gpu_on:  # processes sharing a node: each on its own GPU, not a replica on all
+        elif backend.device != "cpu":  # processes sharing a node: each on its own GPU
             self._resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._resources,
-                                           comm.local_rank % faiss.get_num_gpus(), index)
+            index = faiss.index_cpu_to_gpu(self._resources, int(backend.device.split(":")[1]), index)
         self.index = index
 
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +99,8 @@ def search_top2(index, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def assign(x, centroids: np.ndarray, gpu: str | bool = "auto", progress: bool = False,
-           block_size: int | None = None, comm=None) -> tuple[np.ndarray, np.ndarray]:
+           block_size: int | None = None, comm=None, backend: str | Backend = "auto"
+           ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by cosine similarity, streamed in blocks.
 
     Args:
@@ -116,6 +109,8 @@ def assign(x, centroids: np.ndarray, gpu: str | bool = "auto", progress: bool = 
         comm: a :mod:`~dbp_lightning.pruning.collective` collective: each rank assigns its run
             of blocks (on GPU ``local_rank`` modulo the GPUs it sees), and every rank gets all
             N rows (default: one process, on all the GPUs faiss sees).
+        backend: where the estimates run: "auto", "faiss" or "torch" (see :mod:`.backend`); the
+            result is the same bytes on any of them.
 
     Returns:
         assignment int64 (N,): the centroid with the largest exact dot product, the lowest index
@@ -123,7 +118,7 @@ def assign(x, centroids: np.ndarray, gpu: str | bool = "auto", progress: bool = 
     """
     emb = as_embeddings(x)
     comm = comm or Local()
-    nearest = _Nearest(centroids, use_gpu(gpu), comm)
+    nearest = _Nearest(centroids, resolve_backend(backend, gpu, comm.local_rank), comm)
     # rows another rank assigns hold max's identity until the reduction fills them in
     assignment = np.full(emb.n, -1, np.int64)
     similarity = np.full(emb.n, -np.inf, np.float32)
@@ -139,7 +134,8 @@ def assign(x, centroids: np.ndarray, gpu: str | bool = "auto", progress: bool = 
 
 def spherical_kmeans(x, k: int, niter: int = 100, seed: int = 0, sample: int | None = None,
                      gpu: str | bool = "auto", tol: float | None = None,
-                     progress: bool = False, comm=None) -> KMeansResult:
+                     progress: bool = False, comm=None, backend: str | Backend = "auto"
+                     ) -> KMeansResult:
     """Spherical k-means (cosine similarity, unit-norm centroids), faiss searching.
 
     Trains on ``sample`` rows drawn without replacement with ``seed`` (only those rows are held
@@ -164,6 +160,7 @@ def spherical_kmeans(x, k: int, niter: int = 100, seed: int = 0, sample: int | N
         progress: show a progress bar.
         comm: a :mod:`~dbp_lightning.pruning.collective` collective: rank 0 trains and
             broadcasts the centroids; the ranks split the assignment.
+        backend: "auto", "faiss" or "torch": where the searches run (:mod:`.backend`).
 
     Returns:
         :class:`KMeansResult` (centroids, assignment, similarity, n_iter), the same on every rank.
@@ -178,21 +175,21 @@ def spherical_kmeans(x, k: int, niter: int = 100, seed: int = 0, sample: int | N
     n_train = min(emb.n, 256 * k if sample is None else int(sample))
     if n_train < k:
         raise ValueError(f"sample={sample} is smaller than k={k}: every centroid needs a point")
-    gpu_on = use_gpu(gpu)
     comm = comm or Local()
+    backend = resolve_backend(backend, gpu, comm.local_rank)
     centroids, done = None, None
     if comm.rank == 0:
-        centroids, done = _train(emb, k, niter, seed, n_train, gpu_on, tol, progress)
+        centroids, done = _train(emb, k, niter, seed, n_train, backend, tol, progress)
     centroids = comm.broadcast(centroids)
     done = int(comm.broadcast(None if done is None else np.array([done]))[0])
-    assignment, similarity = assign(emb, centroids, gpu=gpu_on, progress=progress, comm=comm)
+    assignment, similarity = assign(emb, centroids, progress=progress, comm=comm, backend=backend)
     log.debug("spherical k-means: k=%d, %d train rows, %d iterations, mean cosine %.4f",
              k, n_train, done, float(similarity.mean(dtype=np.float64)))
     return KMeansResult(centroids, assignment, similarity, done)
 
 
-def _train(emb, k: int, niter: int, seed: int, n_train: int, gpu_on: bool, tol: float | None,
-           progress: bool) -> tuple[np.ndarray, int]:
+def _train(emb, k: int, niter: int, seed: int, n_train: int, backend: Backend,
+           tol: float | None, progress: bool) -> tuple[np.ndarray, int]:
     """Unit-norm centroids float32 (k, d) trained on ``n_train`` rows drawn with ``seed``, and
     the iterations run."""
     rng = np.random.default_rng(seed)
@@ -202,7 +199,7 @@ def _train(emb, k: int, niter: int, seed: int, n_train: int, gpu_on: bool, tol: 
     previous, done = None, 0
     for done in tqdm(range(1, niter + 1), disable=not progress, desc="k-means", unit="iter",
                      leave=False):
-        nearest = _Nearest(centroids, gpu_on)
+        nearest = _Nearest(centroids, backend)
         ids = np.concatenate([nearest.nearest(xt[s : s + emb.block_size])
                               for s in range(0, n_train, emb.block_size)])
         sums = _member_sums(xt, ids, k)
@@ -248,7 +245,8 @@ FLAT_MAX_K = 1024
 
 
 def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | None = None,
-                     gpu: str | bool = "auto", progress: bool = False, comm=None) -> KMeansResult:
+                     gpu: str | bool = "auto", progress: bool = False, comm=None,
+                     backend: str | Backend = "auto") -> KMeansResult:
     """About ``k`` cells of similar rows (SemDeDup's partition), at a cost that grows with N.
 
     SemDeDup compares pairs inside cells, so its cells must stay small as the pool grows: k
@@ -262,7 +260,7 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
     which is what SemDeDup needs). At most ``FLAT_MAX_K`` cells it is :func:`spherical_kmeans`.
 
     Args:
-        x, niter, seed, gpu, progress: as :func:`spherical_kmeans`.
+        x, niter, seed, gpu, progress, backend: as :func:`spherical_kmeans`.
         k: cells wanted; the two-level total is within rounding of it.
         sample: training rows of the (first level) k-means; the second level uses its default.
         comm: a :mod:`~dbp_lightning.pruning.collective` collective: the first level as in
@@ -275,13 +273,14 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
     emb = as_embeddings(x)
     if k <= FLAT_MAX_K:
         return spherical_kmeans(emb, k, niter=niter, seed=seed, sample=sample, gpu=gpu,
-                                progress=progress, comm=comm)
+                                progress=progress, comm=comm, backend=backend)
     from .groups import cluster_index
 
     comm = comm or Local()
     k1 = int(np.ceil(np.sqrt(k)))
-    coarse = spherical_kmeans(emb, k1, niter=niter, seed=seed, sample=sample, gpu=gpu,
-                              progress=progress, comm=comm)
+    backend = resolve_backend(backend, gpu, comm.local_rank)
+    coarse = spherical_kmeans(emb, k1, niter=niter, seed=seed, sample=sample, progress=progress,
+                              comm=comm, backend=backend)
     index = cluster_index(coarse.assignment, None, k1)  # each cell's rows, in row order
     sizes = index.sizes
     cells = np.minimum(sizes, np.maximum(1, np.rint(k * sizes / emb.n))).astype(np.int64)
@@ -295,7 +294,7 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
     for c in tqdm(mine, disable=not progress, desc="cells", unit="coarse cell", leave=False):
         rows = index.members(c)
         fine = spherical_kmeans(emb.subset(rows), int(cells[c]), niter=niter,
-                                seed=seed * 1_000_003 + int(c), gpu=gpu)
+                                seed=seed * 1_000_003 + int(c), backend=backend)
         assignment[rows] = fine.assignment + offsets[c]
         similarity[rows] = fine.similarity
         centroids[offsets[c] : offsets[c + 1]] = fine.centroids

@@ -22,6 +22,7 @@ from .clip_score import clip_score_filter
 from .collective import Local
 from .complexity import cluster_complexity
 from .embeddings import Embeddings, as_embeddings
+from .backend import resolve_backend
 from .kmeans import partition_kmeans, spherical_kmeans
 from .quotas import dbp_quotas, softmax_probabilities
 from .select import dbp_select, random_select, ssp_select
@@ -127,6 +128,8 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
     _check_against_data(config, n, metadata)
     gpu = config.gpu if config.gpu == "auto" else config.gpu in (True, "true")
     comm = comm or Local()
+    backend = resolve_backend(config.backend, gpu, comm.local_rank)  # the same bytes on any
+    log.debug("k-means and similarity blocks: %s", backend.describe())
 
     # Arrow columns, never NumPy object arrays: 10^7 keys as Python strings would take GBs
     cols: dict = {"key": metadata.column("key").combine_chunks()}
@@ -145,10 +148,11 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
     if "semdedup" in config.stages:
         d, t0 = config.semdedup, time.perf_counter()
         parts = [partition_kmeans(emb, d.k, niter=d.niter, seed=config.seed + p, sample=d.sample,
-                                  gpu=gpu, progress=progress, comm=comm) for p in range(d.passes)]
+                                  progress=progress, comm=comm, backend=backend)
+                 for p in range(d.passes)]
         dup_sim, partner = duplicate_similarity(emb, [p.assignment for p in parts],
                                                 parts[0].similarity, d.block_size, progress,
-                                                return_partner=True, comm=comm)
+                                                return_partner=True, comm=comm, backend=backend)
         threshold = 1.0 - d.eps if d.eps is not None else threshold_for_fraction(dup_sim, d.target_fraction)
         cols["dedup_cluster"] = parts[0].assignment.astype(np.int32)
         cols["dup_sim"] = dup_sim
@@ -179,7 +183,7 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
         target = s.target_size if s.target_size is not None else max(1, round(s.target_fraction * len(rows)))
         _check_selector(selector, s, target, len(rows), config.stages[:config.stages.index(selector)])
         keep_rows, details, clustering = _select(selector, emb.subset(rows), s, target,
-                                                 config.seed, gpu, progress, comm)
+                                                 config.seed, backend, progress, comm)
         if clustering is not None:
             assignment, similarity, clusters = clustering
             # null, not a sentinel, for samples that never reached the selector
@@ -193,13 +197,15 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
         record(selector, t0, len(rows), target=target, **details)
 
     cols["kept"] = alive
-    report = {"pool": n, "kept": int(alive.sum()), "processes": comm.world_size, "stages": stages,
+    report = {"pool": n, "kept": int(alive.sum()), "processes": comm.world_size,
+              "backend": {"kind": backend.kind, "device": backend.device}, "stages": stages,
               "seconds": round(sum(st["seconds"] for st in stages), 3),
               "peak_rss_mb": round(peak_rss_mb(), 1)}
     return PruneResult(pa.table(cols), clusters, report)
 
 
-def _select(selector: str, emb: Embeddings, s, target: int, seed: int, gpu, progress: bool, comm):
+def _select(selector: str, emb: Embeddings, s, target: int, seed: int, backend, progress: bool,
+            comm):
     """Run the selector on the surviving rows.
 
     Returns the keep mask over them, report details, and for dbp/ssp (assignment, similarity,
@@ -207,8 +213,8 @@ def _select(selector: str, emb: Embeddings, s, target: int, seed: int, gpu, prog
     """
     if selector == "random":
         return random_select(emb.n, target, seed), {}, None
-    km = spherical_kmeans(emb, s.k, niter=s.niter, seed=seed, sample=s.sample, gpu=gpu,
-                          tol=s.tol, progress=progress, comm=comm)
+    km = spherical_kmeans(emb, s.k, niter=s.niter, seed=seed, sample=s.sample, tol=s.tol,
+                          progress=progress, comm=comm, backend=backend)
     details = {"k": s.k, "kmeans_iterations": km.n_iter,
                "kmeans_mean_cosine": round(float(km.similarity.mean(dtype=np.float64)), 6)}
     sizes = np.bincount(km.assignment, minlength=s.k)

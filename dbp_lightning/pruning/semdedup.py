@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm.auto import tqdm
 
+from .backend import Backend, resolve_backend, torch_earlier_top2
 from .collective import Local, owners
 from .embeddings import as_embeddings
 from . import exact
@@ -35,7 +36,8 @@ NO_EARLIER = -1.0
 
 
 def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size: int = 4096,
-                         progress: bool = False, return_partner: bool = False, comm=None):
+                         progress: bool = False, return_partner: bool = False, comm=None,
+                         backend: str | Backend = "auto"):
     """Each row's largest cosine similarity to a member of its cluster ranked before it.
 
     Args:
@@ -50,6 +52,8 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
             its duplicate similarity.
         comm: a :mod:`~dbp_lightning.pruning.collective` collective: the ranks split the
             clusters (balanced by pairs, M**2) and every rank gets all N results.
+        backend: "auto", "faiss" or "torch": where the block similarities run
+            (:mod:`.backend`: faiss means NumPy's BLAS here); the result is the same bytes.
 
     Returns:
         float32 (N,), in [-1, 1]: the exact dot product, rounded (:mod:`.exact`), so the same on
@@ -60,8 +64,8 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
     """
     emb = as_embeddings(x)
     if not isinstance(assignment, np.ndarray) or assignment.ndim == 2:
-        per_part = [duplicate_similarity(emb, a, sim_to_centroid, block_size, progress, True, comm)
-                    for a in assignment]
+        per_part = [duplicate_similarity(emb, a, sim_to_centroid, block_size, progress, True, comm,
+                                         backend) for a in assignment]
         sims = np.stack([s for s, _ in per_part])
         best = sims.argmax(axis=0)  # first partition on ties
         cols = np.arange(sims.shape[1])
@@ -75,6 +79,7 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
     if assignment.size and assignment.min() < 0:
         raise ValueError("assignment has negative cluster ids")
     comm = comm or Local()
+    backend = resolve_backend(backend, "auto", comm.local_rank)
     sizes = np.bincount(assignment)
     owner = owners(sizes.astype(np.float64) ** 2, comm.world_size)
     mine = (owner == comm.rank) & (sizes > 1)
@@ -91,7 +96,7 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
                   unit="cluster", leave=False):
         rows = index.members(c)
         xc = emb.take(rows)  # the cluster's rows: memory grows with the largest cluster
-        arg = _earlier_nearest(xc, block_size, not_before)
+        arg = _earlier_nearest(xc, block_size, not_before, backend)
         has = arg >= 0
         out[rows[has]] = row_sims(xc[has], xc[arg[has]])
         partner[rows] = np.where(has, rows[np.maximum(arg, 0)], -1)
@@ -100,7 +105,8 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
     return (out, partner) if return_partner else out
 
 
-def _earlier_nearest(xc: np.ndarray, block_size: int, not_before: np.ndarray) -> np.ndarray:
+def _earlier_nearest(xc: np.ndarray, block_size: int, not_before: np.ndarray,
+                     backend: Backend = Backend("faiss", "cpu")) -> np.ndarray:
     """int64 (M,): for each member of a cluster (rows ``xc``, float32 (M, d), in rank order),
     the position of the earlier member with the largest exact dot product, the earliest on ties;
     -1 for the first member.
@@ -110,6 +116,23 @@ def _earlier_nearest(xc: np.ndarray, block_size: int, not_before: np.ndarray) ->
     kernel summed them. The other rows (near-ties and identical vectors: 0.31 % of the rows of
     ``benchmarks/bench_exact.py``'s pool) are decided by :func:`~.exact.exact_argmax`.
     """
+    if backend.kind == "torch":
+        best, second, arg = torch_earlier_top2(xc, block_size, backend.device)
+    else:
+        best, second, arg = _earlier_top2(xc, block_size, not_before)
+    norm = max_norm(xc)
+    margin = 2 * dot_bound(xc.shape[1], norm, norm, np.float32) + SLACK
+    unsure = np.flatnonzero((best > -np.inf) & (second >= best.astype(np.float64) - margin))
+    if unsure.size:
+        arg[unsure] = exact_argmax(xc[unsure], xc, before=unsure, twin=first_twin(xc),
+                                   block_size=block_size)
+    return arg
+
+
+def _earlier_top2(xc: np.ndarray, block_size: int, not_before: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 best, second best and int64 position of the best earlier member of each row
+    of ``xc``, from NumPy's threaded float32 matmul, block by block."""
     m = len(xc)
     best = np.full(m, -np.inf, np.float32)
     second = np.full(m, -np.inf, np.float32)
@@ -124,13 +147,7 @@ def _earlier_nearest(xc: np.ndarray, block_size: int, not_before: np.ndarray) ->
                 # NO_EARLIER, so that an earlier member at exactly -1.0 is still a partner)
                 sims[not_before[:n_j, :n_j]] = -np.inf
             top2_update(bj, sj, aj, sims, is_)
-    norm = max_norm(xc)
-    margin = 2 * dot_bound(xc.shape[1], norm, norm, np.float32) + SLACK
-    unsure = np.flatnonzero((best > -np.inf) & (second >= best.astype(np.float64) - margin))
-    if unsure.size:
-        arg[unsure] = exact_argmax(xc[unsure], xc, before=unsure, twin=first_twin(xc),
-                                   block_size=block_size)
-    return arg
+    return best, second, arg
 
 
 def threshold_for_fraction(dup_sim: np.ndarray, target_fraction: float) -> float:
@@ -149,7 +166,7 @@ def threshold_for_fraction(dup_sim: np.ndarray, target_fraction: float) -> float
 
 def semdedup(x, assignment: np.ndarray, sim_to_centroid: np.ndarray, eps: float | None = None,
              target_fraction: float | None = None, block_size: int = 4096,
-             progress: bool = False) -> np.ndarray:
+             progress: bool = False, backend: str | Backend = "auto") -> np.ndarray:
     """SemDeDup keep mask inside the given clusters.
 
     Args:
@@ -161,6 +178,7 @@ def semdedup(x, assignment: np.ndarray, sim_to_centroid: np.ndarray, eps: float 
         eps: remove rows whose duplicate similarity exceeds ``1 - eps``; in (0, 2).
         target_fraction: instead of eps, keep this fraction of rows (within rounding, exact
             unless duplicate similarities tie). Give exactly one of eps and target_fraction.
+        backend: "auto", "faiss" or "torch" (:func:`duplicate_similarity`).
 
     Returns:
         bool (N,) keep mask.
@@ -169,6 +187,7 @@ def semdedup(x, assignment: np.ndarray, sim_to_centroid: np.ndarray, eps: float 
         raise ValueError("give exactly one of eps and target_fraction")
     if eps is not None and not 0.0 < eps < 2.0:
         raise ValueError(f"eps must be in (0, 2), got {eps}")
-    dup_sim = duplicate_similarity(x, assignment, sim_to_centroid, block_size, progress)
+    dup_sim = duplicate_similarity(x, assignment, sim_to_centroid, block_size, progress,
+                                   backend=backend)
     threshold = 1.0 - eps if eps is not None else threshold_for_fraction(dup_sim, target_fraction)
     return dup_sim <= threshold

@@ -1,0 +1,184 @@
+"""Where the matmul-bound estimates run: faiss (CPU or faiss-gpu) or PyTorch (CUDA, or CPU).
+
+The pruning core needs two fast estimates, and nothing else from a library: each row's two most
+similar centroids (k-means assignment) and, inside a SemDeDup cell, each member's two most
+similar earlier members. :mod:`.exact` turns either estimate into the exact answer (it decides
+every row whose best two are within the float32 error bound of each other again, exactly), so
+the selection is the same bytes whichever backend estimated it. That is what makes a PyTorch
+path safe on a machine with a CUDA build of torch and no faiss-gpu (its wheel, with the CUDA 12
+runtime and cuBLAS beside it, is the part users most often fail to install).
+
+The matmuls run in float32 with TF32 off: TF32 rounds the inputs to 10 mantissa bits, outside
+the bound the exact layer relies on (a product summed in any order), and would send many rows to
+the slow exact path. Blocks are sized from the free device memory, never an N x k matrix.
+
+Choice (``backend`` of ``prune``): ``faiss`` (CPU, or faiss-gpu by ``gpu``), ``torch`` (CUDA when
+present and ``gpu`` allows, else CPU), ``auto``: faiss-gpu where installed with a GPU, else
+torch on CUDA where there is one, else faiss on CPU (torch on CPU if faiss is missing).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+BACKENDS = ("auto", "faiss", "torch")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A resolved choice: ``kind`` "faiss" or "torch", ``device`` "cpu", "cuda" or "cuda:N"."""
+
+    kind: str
+    device: str
+
+    def describe(self) -> str:
+        return f"{self.kind} on {self.device}"
+
+
+@functools.lru_cache(maxsize=None)
+def _faiss_gpus() -> int | None:
+    """GPUs faiss sees; None when faiss is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_cuda() -> bool:
+    """Whether torch sees a CUDA (or ROCm) device; without a GPU device file, False without
+    importing torch (1.2 s here: ``prune`` on a CPU must not pay it)."""
+    import glob
+    import os
+
+    if not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")):
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_backend(backend: str = "auto", gpu: str | bool = "auto", local_rank: int = 0) -> Backend:
+    """The backend ``backend`` ("auto", "faiss", "torch") and ``gpu`` ("auto", True, False)
+    name on this machine; ``local_rank`` picks a process's GPU among several.
+
+    Raises:
+        ValueError: an unknown name, a backend not installed, or ``gpu=True`` with no GPU.
+    """
+    if isinstance(backend, Backend):
+        return backend
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if gpu not in ("auto", True, False):
+        raise ValueError(f"gpu must be 'auto', True or False, got {gpu!r}")
+    faiss_gpus, cuda = _faiss_gpus(), _torch_cuda()
+    if backend == "faiss" or (backend == "auto" and faiss_gpus and gpu is not False):
+        if faiss_gpus is None:
+            raise ValueError("backend=faiss: faiss is not installed; install dbp-lightning[cpu] "
+                             "or [gpu], or use backend=torch")
+        if gpu is True and not faiss_gpus:
+            raise ValueError("gpu=true but faiss sees no GPU: install dbp-lightning[gpu] on a CUDA "
+                             "machine, use backend=torch (a CUDA build of torch), or gpu=auto")
+        on_gpu = bool(faiss_gpus) and gpu is not False
+        return Backend("faiss", f"cuda:{local_rank % faiss_gpus}" if on_gpu else "cpu")
+    if backend == "torch" or (cuda and gpu is not False) or faiss_gpus is None:
+        if gpu is True and not cuda:
+            raise ValueError("gpu=true but torch sees no CUDA device")
+        if cuda and gpu is not False:
+            import torch
+
+            return Backend("torch", f"cuda:{local_rank % torch.cuda.device_count()}")
+        return Backend("torch", "cpu")
+    return Backend("faiss", "cpu")
+
+
+def _device_rows(device: str, row_bytes: int, share: float = 0.25, cap: int = 1 << 16) -> int:
+    """Rows of ``row_bytes`` each that fit in ``share`` of the device's free memory (CUDA), at
+    most ``cap``; on CPU, ``cap``."""
+    if not device.startswith("cuda"):
+        return cap
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return int(max(1, min(cap, share * free // max(row_bytes, 1))))
+
+
+class TorchTop2:
+    """faiss ``IndexFlatIP``'s ``search(block, 2)`` on float32 torch matmuls: the two largest
+    dot products of each row with the centroids, on ``device``. Centroids stay on the device;
+    rows go in sub-blocks sized so that the (rows x k) similarities fit in its free memory."""
+
+    def __init__(self, centroids: np.ndarray, device: str):
+        import torch
+
+        self.torch, self.device = torch, torch.device(device)
+        self.centroids = torch.from_numpy(np.ascontiguousarray(centroids, np.float32)).to(self.device)
+        k, d = self.centroids.shape
+        self.rows = _device_rows(device, 4 * (k + d) + 16)
+
+    def search(self, block: np.ndarray, n: int = 2) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        sims_out = np.empty((len(block), n), np.float32)
+        ids_out = np.empty((len(block), n), np.int64)
+        with _no_tf32(torch), torch.inference_mode():
+            for s in range(0, len(block), self.rows):
+                x = torch.from_numpy(np.ascontiguousarray(block[s : s + self.rows], np.float32))
+                sims = x.to(self.device, non_blocking=True) @ self.centroids.T
+                top = torch.topk(sims, n, dim=1)  # largest first; ties are decided exactly later
+                sims_out[s : s + len(x)] = top.values.cpu().numpy()
+                ids_out[s : s + len(x)] = top.indices.cpu().numpy()
+        return sims_out, ids_out
+
+
+def torch_earlier_top2(xc: np.ndarray, block_size: int, device: str
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SemDeDup's estimates inside one cell, on ``device``: for each member of ``xc`` (float32
+    (M, d), in rank order) the best and second-best float32 dot product with an earlier member,
+    and the position of the best (-inf, -inf, -1 for the first member). Block by block, the
+    running top two kept on the device: at most ``block_size``**2 similarities at once."""
+    import torch
+
+    dev = torch.device(device)
+    with _no_tf32(torch), torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(xc, np.float32)).to(dev)
+        m = len(x)
+        best = torch.full((m,), -float("inf"), device=dev)
+        second = torch.full((m,), -float("inf"), device=dev)
+        arg = torch.full((m,), -1, dtype=torch.int64, device=dev)
+        for js in range(0, m, block_size):
+            xj = x[js : js + block_size]
+            n_j = len(xj)
+            for is_ in range(0, js + n_j, block_size):
+                sims = xj @ x[is_ : is_ + block_size].T
+                if is_ == js:  # only members ranked strictly before count
+                    sims.masked_fill_(torch.ones_like(sims, dtype=torch.bool).triu(), -float("inf"))
+                top = torch.topk(sims, min(2, sims.shape[1]), dim=1)
+                rows = slice(js, js + n_j)
+                values = torch.cat([best[rows, None], second[rows, None], top.values], dim=1)
+                ids = torch.cat([arg[rows, None], torch.full_like(arg[rows, None], -1),
+                                 top.indices + is_], dim=1)
+                merged = torch.topk(values, 2, dim=1)
+                best[rows], second[rows] = merged.values[:, 0], merged.values[:, 1]
+                arg[rows] = ids.gather(1, merged.indices[:, :1])[:, 0]
+        arg = torch.where(best > -float("inf"), arg, torch.full_like(arg, -1))
+        return best.cpu().numpy(), second.cpu().numpy(), arg.cpu().numpy()
+
+
+class _no_tf32:
+    """float32 matmuls in float32 (TF32 off) for the duration, the flag restored after."""
+
+    def __init__(self, torch):
+        self.matmul = torch.backends.cuda.matmul
+
+    def __enter__(self):
+        self.saved = self.matmul.allow_tf32
+        self.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        self.matmul.allow_tf32 = self.saved
