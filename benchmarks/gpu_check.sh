@@ -3,6 +3,8 @@
 #
 #   bash benchmarks/gpu_check.sh fetch   # here, with a registry: the wheels the device lacks
 #   bash benchmarks/gpu_check.sh         # there (run tool, carry [".gpu_wheels"]): the check
+#   GPU_CHECK_DRY=1 GPU_CHECK_N=20000 GPU_CHECK_IMAGES=640 bash benchmarks/gpu_check.sh
+#                                        # here: every step on the CPU, to check the script
 #
 # The device has PyTorch with CUDA, Lightning, torchvision, timm, pyarrow and
 # sentence-transformers, no package registry and no faiss (faiss-gpu cannot be carried: the
@@ -38,11 +40,12 @@ if [[ "${1:-}" == "fetch" ]]; then
   exit 0
 fi
 
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+# GPU_CHECK_DRY=1 runs every step on the CPU (small sizes) to check the script itself
+if [[ -z "${GPU_CHECK_DRY:-}" ]] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "gpu_check: no CUDA device here (torch.cuda.is_available() is False or torch is missing): nothing to check"
   exit 0
 fi
-"$PY" -c "import torch; print('gpu_check:', torch.cuda.get_device_name(), 'torch', torch.__version__)"
+"$PY" -c "import torch; print('gpu_check:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'dry run on the CPU', 'torch', torch.__version__)"
 SITE=$(mktemp -d /tmp/gpu_check_site.XXXX)
 WORK=$(mktemp -d /tmp/gpu_check_work.XXXX)
 trap 'rm -rf "$SITE" "$WORK"' EXIT
@@ -82,7 +85,8 @@ def watch():  # the device memory peak of the whole prune (the allocator's and c
     while not done:
         free, total = torch.cuda.mem_get_info(); peak[0] = max(peak[0], total - free); time.sleep(0.05)
 done = False
-threading.Thread(target=watch, daemon=True).start()
+if torch.cuda.is_available():
+    threading.Thread(target=watch, daemon=True).start()
 t = time.perf_counter()
 code = main(["prune", "--input", f"{work}/pool", "--output", f"{work}/run", "--backend", "torch",
              "--select.target_fraction", "0.5"])
@@ -102,7 +106,8 @@ from wds_util import write_shards
 from dbp_lightning.config import EncoderConfig
 from dbp_lightning.embed import embed_shards
 work = sys.argv[1]
-shards = write_shards(__import__("pathlib").Path(work) / "images", n_shards=16, per_shard=2000)
+per_shard = int(__import__("os").environ.get("GPU_CHECK_IMAGES", "32000")) // 16
+shards = write_shards(__import__("pathlib").Path(work) / "images", n_shards=16, per_shard=per_shard)
 t = time.perf_counter()
 store = embed_shards(shards, f"{work}/store", EncoderConfig(kind="open_clip", model="tiny-clip",
                      random_init=True), batch_size=512, num_workers=8)

@@ -208,14 +208,15 @@ def ensure_store(cache_dir: str | os.PathLike, shards: list[str], encoder: Encod
         embed = dict(encoder=encoder, batch_size=batch_size, num_workers=num_workers, dtype=dtype,
                      trainer_kwargs={"devices": 1})
         if recompute:
-            log.info("embedding cache: embedding %d shard(s) into %s again: recompute=True",
-                     len(shards), out)
+            log.info("embedding cache: embedding %d shard%s into %s again: recompute=True",
+                     len(shards), "" if len(shards) == 1 else "s", out)
             recover_dir(out)
             with atomic_dir(out) as stage:
                 write_json(stage / KEY_FILE, key)
                 embed_shards(shards, str(stage), **embed)
         else:
-            log.info("embedding cache: embedding %d shard(s) into %s: %s", len(shards), out,
+            log.info("embedding cache: embedding %d shard%s into %s: %s", len(shards),
+                     "" if len(shards) == 1 else "s", out,
                      _why_new(out, key))
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / KEY_FILE, key)

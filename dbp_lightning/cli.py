@@ -380,11 +380,22 @@ def _say(line: str) -> None:
 _LIGHTNING_USERS = ("fit", "validate", "embed", "eval", "compare", "demo")
 
 
+class _Plain(logging.Formatter):
+    """Info as the bare line; a warning or an error says so."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
 def configure_logging(command: str | None, verbose: bool) -> None:
     """One line per stage from dbp_lightning; third-party INFO (open_clip logs through the root
     logger), Lightning's banners and tips and known noise warnings only with ``-v``."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s")
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(_Plain("%(message)s"))
     logging.getLogger("dbp_lightning").setLevel(logging.DEBUG if verbose else logging.INFO)
     if verbose:
         return

@@ -191,6 +191,9 @@ class DBPDataModule(L.LightningDataModule):
             is ``train_num_samples`` samples over all ranks, and every rank takes
             ``train_num_samples // (batch_size x ranks)`` steps.
         train_num_samples: samples per epoch with ``resampled`` (required then).
+        report: write the prune run's ``report.html`` (as ``dbp-lightning prune`` does) when it
+            is pruned here: rank 0 reads the thumbnails it shows from the shards that hold them
+            while the other ranks wait; False skips it.
 
     One of ``prune``/``store`` (prune at setup), ``selection`` and ``subset`` says which samples
     are trained on; two of them are refused. With ``selection`` or ``subset``, ``setup`` writes
@@ -222,7 +225,8 @@ class DBPDataModule(L.LightningDataModule):
                  skip_bad_shards: bool = False, selection: Optional[str] = None,
                  subset: Optional[str] = None, recompute: bool = False, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 5000, shuffle_initial: int = 1000,
-                 resampled: bool = False, train_num_samples: Optional[int] = None):
+                 resampled: bool = False, train_num_samples: Optional[int] = None,
+                 report: bool = True):
         super().__init__()
         self.source = _selection_source(prune, store, selection, subset)
         self.skipped_shards: list[tuple[str, str]] = []
@@ -249,6 +253,7 @@ class DBPDataModule(L.LightningDataModule):
         self.seed, self.shuffle, self.resampled = seed, shuffle, resampled
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.train_num_samples = train_num_samples
+        self.write_report = report
         SampleShuffle(shuffle_buffer, shuffle_initial, seed, Epoch(), 0)  # refuse bad sizes now
         self._epoch, self._passes = Epoch(), 0
         self.store = store
@@ -359,7 +364,7 @@ class DBPDataModule(L.LightningDataModule):
             if self.source == "prune":
                 self._run_dir = cache.ensure_pruned(self.cache_dir, self.store_dir, self.prune_config,
                                                     comm=comm, recompute=self._take_recompute("prune"),
-                                                    report=True)
+                                                    report=self.write_report)
                 self._load_selection()
             else:
                 self._run_dir = cache.ensure_selection(

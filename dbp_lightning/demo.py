@@ -80,28 +80,35 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _forget_other_data(out: Path, fingerprint: str) -> None:
-    """Drop the demo's embeddings and models when they were made from other data.
+    """Set the demo's embeddings and models aside when they were made from other data.
 
     The cache knows shards by name and size (a pool of 10^8 samples cannot be hashed on every
     run), and a rebuilt demo shard with other pictures (other fonts, another spec) can keep its
     size to the tar block: its old embeddings and models would be taken for the new ones. The
-    demo knows its data's fingerprint, so it can tell.
+    demo knows its data's fingerprint, so it can tell. Nothing is deleted: ``cache`` and
+    ``runs`` move to ``stale-<old fingerprint>/``, said in one line, for the user to remove.
+    Only a directory that held a demo's results (its stamp, or ``compare_results.json``) is
+    touched: ``--out`` may name a directory whose ``cache`` serves other runs.
     """
     import logging
-    import shutil
 
     from .atomic import atomic_path
 
     stamp = out / "data_fingerprint.txt"
     made_from = stamp.read_text().strip() if stamp.is_file() else None
-    if made_from != fingerprint:
-        stale = [d for d in (out / "cache", out / "runs") if d.exists()]
-        if stale:
-            logging.getLogger(__name__).warning(
-                "demo: the data changed (fingerprint %s, results made from %s): embedding and "
-                "training again", fingerprint, made_from or "unrecorded data")
-            for d in stale:
-                shutil.rmtree(d)
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(stamp) as tmp:
-            tmp.write_text(fingerprint + "\n")
+    if made_from == fingerprint:
+        return
+    stale = [d for d in (out / "cache", out / "runs") if d.exists()]
+    if stale and (made_from is not None or (out / "compare_results.json").is_file()):
+        aside = out / f"stale-{made_from or 'unrecorded'}"
+        aside.mkdir(parents=True, exist_ok=True)
+        for d in stale:
+            d.rename(aside / f"{d.name}-{len(list(aside.iterdir()))}" if (aside / d.name).exists()
+                     else aside / d.name)
+        logging.getLogger(__name__).warning(
+            "demo: the data changed (fingerprint %s, results made from %s): embedding and training "
+            "again; the old embeddings and models are in %s (remove it when done)",
+            fingerprint, made_from or "unrecorded data", aside)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(stamp) as tmp:
+        tmp.write_text(fingerprint + "\n")

@@ -100,6 +100,7 @@ def accuracy_vs_cost(summary: list[dict], metrics: list[str], budget: str, path:
         if metric in chance:
             ax.axhline(chance[metric], color="0.4", ls="--", lw=1, label="chance")
             lows.append(chance[metric])
+            highs.append(chance[metric])
         if lows:
             lo, hi = min(lows), max(highs)
             pad = max(0.1 - (hi - lo), 0.0) / 2 + 0.05 * max(hi - lo, 0.1)

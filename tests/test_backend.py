@@ -53,6 +53,9 @@ def test_backend_refusals_name_the_option(monkeypatch):
         resolve_backend("cupy")
     with pytest.raises(ValueError, match="gpu=true but torch sees no CUDA device"):
         resolve_backend("torch", True)
+    monkeypatch.setattr(backend_module, "_faiss_gpus", lambda: 0)
+    with pytest.raises(ValueError, match="gpu=true but neither faiss nor torch sees a GPU"):
+        resolve_backend("auto", True)
 
 
 def test_torch_top2_is_faiss_search(rng):

@@ -167,7 +167,7 @@ def test_torchrun_two_processes_write_the_single_process_selection(store, single
                            "--input", str(store), "--output", str(out)],
                           capture_output=True, text=True, timeout=600, env=_env(**_threads(1)))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "(2 processes)" in proc.stdout
+    assert "(2 processes, " in proc.stdout
     assert _digests(out) == single["1 thread"]
 
 
@@ -186,7 +186,7 @@ def test_slurm_tasks_write_the_single_process_selection(store, single, tmp_path)
     results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
     for rc, _, err in results:
         assert rc == 0, err[-3000:]
-    assert "(2 processes)" in results[0][1] and results[1][1] == ""  # rank 1 writes nothing
+    assert "(2 processes, " in results[0][1] and results[1][1] == ""  # rank 1 writes nothing
     assert _digests(out) == single["1 thread"]
 
 

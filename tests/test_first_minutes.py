@@ -210,3 +210,25 @@ def test_chance_levels_and_a_plot_that_does_not_stretch_a_small_difference(tmp_p
     lo, hi = captured["ax"].get_ylim()
     assert lo <= 0.1 and hi - lo >= 0.2  # chance in view: 0.30 vs 0.32 is not the whole axis
     assert any(line.get_linestyle() == "--" for line in captured["ax"].get_lines())
+
+
+def test_demo_sets_aside_results_of_other_data_and_never_touches_a_foreign_cache(tmp_path):
+    from dbp_lightning.demo import _forget_other_data
+
+    shared = tmp_path / "shared"  # --out naming a directory whose cache serves other runs
+    (shared / "cache" / "embeddings-x").mkdir(parents=True)
+    _forget_other_data(shared, "aaaa")
+    assert (shared / "cache" / "embeddings-x").is_dir()
+    assert (shared / "data_fingerprint.txt").read_text().strip() == "aaaa"
+
+    demo = tmp_path / "demo"
+    for d in ("cache/embeddings-y", "runs/full/seed0"):
+        (demo / d).mkdir(parents=True)
+    (demo / "data_fingerprint.txt").write_text("aaaa\n")
+    _forget_other_data(demo, "aaaa")  # same data: everything stays
+    assert (demo / "cache" / "embeddings-y").is_dir()
+    _forget_other_data(demo, "bbbb")  # other data: set aside, nothing deleted
+    assert not (demo / "cache").exists() and not (demo / "runs").exists()
+    assert (demo / "stale-aaaa" / "cache" / "embeddings-y").is_dir()
+    assert (demo / "stale-aaaa" / "runs" / "full" / "seed0").is_dir()
+    assert (demo / "data_fingerprint.txt").read_text().strip() == "bbbb"

@@ -33,8 +33,8 @@ def test_quick_start_commands_run_as_the_readme_gives_them(tmp_path):
         outputs.append(done.stdout + done.stderr)
     prune_out = outputs[1]
     assert re.search(r"semdedup: 20,000 -> 16,000 samples in [\d.]+ s", prune_out)
-    assert "kept 8,000 of 20,000" in prune_out
-    assert "INFO" not in prune_out and "faiss" not in prune_out.lower()  # quiet by default
+    assert "kept 8,000 of 20,000 (faiss on cpu)" in prune_out  # which backend ran where
+    assert "INFO" not in prune_out and "Loading faiss" not in prune_out  # quiet by default
     assert (tmp_path / "prune" / "report.json").is_file()
     fit_out = outputs[3]
     assert re.search(r"DBPDataModule: kept [\d,]+ of [\d,]+ samples .* -> \S+; report \S+report.html", fit_out)

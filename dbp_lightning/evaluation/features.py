@@ -70,6 +70,8 @@ def embed_task(task: Task, data_root: str, image_encoder: Encoder, text_encoder:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from ..data.shards import count_pool
+
     folder = Path(data_root) / task.folder
     retrieval = task.kind == "retrieval"
     with warnings.catch_warnings():  # clip_benchmark leaves webdataset's shardshuffle unset
@@ -85,8 +87,9 @@ def embed_task(task: Task, data_root: str, image_encoder: Encoder, text_encoder:
 
     images, labels, captions, owner, seen = [], [], [], [], 0
     batched = ds.batched(batch_size, collation_fn=image_captions_collate_fn) if retrieval else ds.batched(batch_size)
+    n, _ = count_pool([str(t) for t in sorted((folder / "test").glob("*.tar"))], scan=64)
     for x, y in tqdm(DataLoader(batched, batch_size=None, num_workers=0), desc=f"embed {task.name}",
-                     unit="batch", leave=False):
+                     unit="batch", total=-(-n // batch_size) or None, leave=False):
         images.append(image_encoder.embed_images(x).numpy())
         if retrieval:
             for j, caps in enumerate(y):

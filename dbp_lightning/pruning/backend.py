@@ -55,7 +55,11 @@ def _torch_cuda() -> bool:
     import glob
     import os
 
-    if not (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")):
+    import sys
+
+    # NVIDIA, ROCm, WSL2: without any of these device files no torch build sees a GPU
+    if "torch" not in sys.modules and not (glob.glob("/dev/nvidia[0-9]*")
+                                           or os.path.exists("/dev/kfd") or os.path.exists("/dev/dxg")):
         return False
     try:
         import torch
@@ -95,14 +99,16 @@ def resolve_backend(backend: str = "auto", gpu: str | bool = "auto", local_rank:
 
             return Backend("torch", f"cuda:{local_rank % torch.cuda.device_count()}")
         return Backend("torch", "cpu")
+    if gpu is True:
+        raise ValueError("gpu=true but neither faiss nor torch sees a GPU here; use gpu=auto")
     return Backend("faiss", "cpu")
 
 
 def _device_rows(device: str, row_bytes: int, share: float = 0.25, cap: int = 1 << 16) -> int:
     """Rows of ``row_bytes`` each that fit in ``share`` of the device's free memory (CUDA), at
-    most ``cap``; on CPU, ``cap``."""
+    most ``cap``; on CPU, as many as make 64 MiB (faiss's CPU search works in such blocks)."""
     if not device.startswith("cuda"):
-        return cap
+        return int(max(1, min(cap, (64 << 20) // max(row_bytes, 1))))
     import torch
 
     free, _ = torch.cuda.mem_get_info(torch.device(device))
@@ -171,14 +177,15 @@ def torch_earlier_top2(xc: np.ndarray, block_size: int, device: str
 
 
 class _no_tf32:
-    """float32 matmuls in float32 (TF32 off) for the duration, the flag restored after."""
+    """float32 matmuls in float32 (no TF32 or bf16 passes) for the duration; the caller's
+    setting (``torch.set_float32_matmul_precision``, which Lightning users set) restored after."""
 
     def __init__(self, torch):
-        self.matmul = torch.backends.cuda.matmul
+        self.torch = torch
 
     def __enter__(self):
-        self.saved = self.matmul.allow_tf32
-        self.matmul.allow_tf32 = False
+        self.saved = self.torch.get_float32_matmul_precision()
+        self.torch.set_float32_matmul_precision("highest")
 
     def __exit__(self, *exc):
-        self.matmul.allow_tf32 = self.saved
+        self.torch.set_float32_matmul_precision(self.saved)
