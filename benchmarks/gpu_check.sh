@@ -88,8 +88,9 @@ done = False
 if torch.cuda.is_available():
     threading.Thread(target=watch, daemon=True).start()
 t = time.perf_counter()
-code = main(["prune", "--input", f"{work}/pool", "--output", f"{work}/run", "--backend", "torch",
-             "--select.target_fraction", "0.5"])
+with __import__("contextlib").redirect_stdout(sys.stderr):  # stdout is this step's JSON
+    code = main(["prune", "--input", f"{work}/pool", "--output", f"{work}/run", "--backend", "torch",
+                 "--select.target_fraction", "0.5"])
 done = True
 report = json.load(open(f"{work}/run/report.json")) if code == 0 else {}
 print(json.dumps({"code": code, "wall": time.perf_counter() - t, "gpu_peak_gib": peak[0] / 2**30,
@@ -103,14 +104,14 @@ import numpy as np
 from PIL import Image
 sys.path.insert(0, "tests")
 from wds_util import write_shards
-from dbp_lightning.config import EncoderConfig
+from dbp_lightning.config import EncoderConfig, default_workers
 from dbp_lightning.embed import embed_shards
 work = sys.argv[1]
 per_shard = int(__import__("os").environ.get("GPU_CHECK_IMAGES", "32000")) // 16
 shards = write_shards(__import__("pathlib").Path(work) / "images", n_shards=16, per_shard=per_shard)
 t = time.perf_counter()
 store = embed_shards(shards, f"{work}/store", EncoderConfig(kind="open_clip", model="tiny-clip",
-                     random_init=True), batch_size=512, num_workers=8)
+                     random_init=True), batch_size=512, num_workers=default_workers(8))
 print(json.dumps({"samples": len(store), "wall": time.perf_counter() - t}))
 EOF
 
@@ -127,7 +128,7 @@ prune, embed = load("prune.json"), load("embed.json")
 print("| check | result |\n|---|---|")
 print(f"| GPU tests (tests/test_gpu.py, test_backend.py) | {'passed' if tests == '0' else 'FAILED'} |")
 print(f"| prune {__import__('os').environ.get('GPU_CHECK_N', '10000000')} x 256, wall s | "
-      f"{prune.get('wall', prune.get('error'))} |")
+      f"{round(prune['wall'], 1) if 'wall' in prune else prune.get('error')} |")
 for st in prune.get("stages", []):
     print(f"| prune stage {st['stage']}, s | {st['seconds']} ({st['in']:,} -> {st['out']:,}) |")
 print(f"| prune GPU memory peak, GiB | {prune.get('gpu_peak_gib', '-')} |")

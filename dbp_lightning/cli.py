@@ -414,7 +414,8 @@ def configure_logging(command: str | None, verbose: bool) -> None:
         warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
         warnings.filterwarnings("ignore", message=".*`tensorboardX` has been removed")  # CSV logs
     if command in ("compare", "demo"):  # their progress bars say what runs; stage logs would break them
-        logging.getLogger("dbp_lightning.pruning").setLevel(logging.WARNING)
+        for name in ("dbp_lightning.pruning", "dbp_lightning.cache"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _main(argv: list[str], console: bool = False) -> int:
