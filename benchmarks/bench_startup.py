@@ -27,6 +27,17 @@ PROBE = ("import sys\nfrom dbp_lightning.cli import main\n"
          "sys.exit(code)")
 
 
+#: ``prune`` in one process, split: start-up (interpreter, imports, parsing, opening the pool),
+#: the stages (report.json), and writing the run (tables, plots), timed around rundir.write_run
+SPLIT = ("import json, sys, time\nt0 = time.perf_counter()\nimport dbp_lightning.rundir as rundir\n"
+         "from dbp_lightning.cli import main\nspent = [0.0]\nwrite = rundir.write_run\n"
+         "def timed(*a, **k):\n    t = time.perf_counter()\n    try:\n        return write(*a, **k)\n"
+         "    finally:\n        spent[0] += time.perf_counter() - t\n"
+         "rundir.write_run = timed\nmain(sys.argv[1:])\ntotal = time.perf_counter() - t0\n"
+         "stages = json.load(open(sys.argv[sys.argv.index('--output') + 1] + '/report.json'))['seconds']\n"
+         "print('SPLIT', total - stages - spent[0], stages, spent[0], file=sys.stderr)")
+
+
 def timed(argv: list[str]) -> tuple[float, str]:
     t = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True)
@@ -73,6 +84,16 @@ def main() -> None:
         m = statistics.median(times[name])
         probed = PROBE in cases[name]
         print(f"| {name} | {m:.2f} | +{m - base:.2f} | {loaded[name] if probed else 'n/a'} |")
+    splits = []
+    for _ in range(args.repeats):
+        done = subprocess.run([py, "-c", SPLIT, *cases["dbp-lightning prune (2,000 rows)"][3:]],
+                              capture_output=True, text=True, check=True)
+        line = next(l for l in done.stderr.splitlines() if l.startswith("SPLIT"))
+        splits.append([float(v) for v in line.split()[1:]])
+    start, stages, write = (statistics.median(col) for col in zip(*splits))
+    print(f"\nprune (2,000 rows) in one process, median of {args.repeats}: start-up (interpreter, "
+          f"imports, parsing, opening the pool) {start:.2f} s, the stages {stages:.2f} s, writing the "
+          f"run (tables and plots) {write:.2f} s")
     print("\n" + json.dumps({name: round(statistics.median(v), 3) for name, v in times.items()}))
 
 
