@@ -54,7 +54,8 @@ def run_prune(store: Path, out: Path, n: int) -> dict:
         raise RuntimeError(f"prune failed at N={n}:\n{proc.stderr[-3000:]}")
     report = json.loads((out / "report.json").read_text())
     return {"n": n, "wall": wall, "peak_rss_mb": int(proc.stderr.strip().splitlines()[-1]) / 1024,
-            "stages": {s["stage"]: s for s in report["stages"]}, "kept": report["kept"]}
+            "stages": {s["stage"]: s for s in report["stages"]}, "kept": report["kept"],
+            "anon_mb": report.get("rss_anon_peak_mb") or 0.0, "file_mb": report.get("rss_file_peak_mb") or 0.0}
 
 
 def exponent(ns, ts) -> float:
@@ -79,12 +80,14 @@ def main() -> None:
         print(f"N={n:,}: {r['wall']:.1f} s, peak RSS {r['peak_rss_mb'] / 1024:.2f} GiB "
               f"(store {store_gb:.2f} GB written in {written:.0f} s)", flush=True)
 
-    print("\n| N | store (GB) | SemDeDup (s) | DBP (s) | prune command (s) | s per 1M | peak RSS (GiB) | peak RSS / store |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| N | store (GB) | SemDeDup (s) | DBP (s) | prune command (s) | s per 1M | peak RSS (GiB) | "
+          "peak RSS / store | RssAnon peak (GiB) | RssFile peak (GiB) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['n']:,} | {r['store_gb']:.2f} | {r['stages']['semdedup']['seconds']:.1f} | "
               f"{r['stages']['dbp']['seconds']:.1f} | {r['wall']:.1f} | {r['wall'] / r['n'] * 1e6:.1f} | "
-              f"{r['peak_rss_mb'] / 1024:.2f} | {r['peak_rss_mb'] / 1024 / (r['store_gb'] / 1.073741824):.2f} |")
+              f"{r['peak_rss_mb'] / 1024:.2f} | {r['peak_rss_mb'] / 1024 / (r['store_gb'] / 1.073741824):.2f} | "
+              f"{r['anon_mb'] / 1024:.2f} | {r['file_mb'] / 1024:.2f} |")
     if len(rows) < 2:
         return
     ns = [r["n"] for r in rows]

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import SELECTORS, PruneConfig, check_pool_size
-from ..memory import peak_rss_mb
+from ..memory import RssPeaks, peak_rss_mb
 from ..store import EmbeddingStore
 from .clip_score import clip_score_filter
 from .collective import Local
@@ -113,8 +113,15 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
     Returns:
         :class:`PruneResult`, the same on every rank. Same config, seed and input give the same
         tables, bit for bit, float columns included, with any number of processes and threads
-        and whatever BLAS kernel the CPU gets (:mod:`.exact`).
+        and whatever BLAS kernel the CPU gets (:mod:`.exact`). Its report gives each stage's
+        peaks of anonymous and file-backed resident memory apart (:class:`~dbp_lightning.memory.RssPeaks`).
     """
+    with RssPeaks() as rss:
+        return _prune(x, config, metadata, progress, comm, rss)
+
+
+def _prune(x, config: PruneConfig, metadata: pa.Table | None, progress: bool, comm,
+           rss: RssPeaks) -> PruneResult:
     config.validate()
     if isinstance(x, EmbeddingStore):
         metadata = x.metadata() if metadata is None else metadata
@@ -141,7 +148,8 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
     def record(name: str, started: float, n_in: int, **details) -> None:
         stages.append({"stage": name, "in": n_in, "out": int(alive.sum()),
                        "seconds": round(time.perf_counter() - started, 3),
-                       "peak_rss_mb": round(peak_rss_mb(), 1), **details})
+                       "peak_rss_mb": round(peak_rss_mb(), 1), **rss.peaks(), **details})
+        rss.reset()  # the next stage's peaks are its own
         log.info("%s: %s -> %s samples in %.1f s", name, f"{n_in:,}", f"{int(alive.sum()):,}",
                  stages[-1]["seconds"])
 
@@ -200,7 +208,9 @@ def prune(x, config: PruneConfig, metadata: pa.Table | None = None,
     report = {"pool": n, "kept": int(alive.sum()), "processes": comm.world_size,
               "backend": {"kind": backend.kind, "device": backend.device}, "stages": stages,
               "seconds": round(sum(st["seconds"] for st in stages), 3),
-              "peak_rss_mb": round(peak_rss_mb(), 1)}
+              "peak_rss_mb": round(peak_rss_mb(), 1),
+              **{k: max((st[k] for st in stages if st.get(k) is not None), default=None)
+                 for k in ("rss_anon_peak_mb", "rss_file_peak_mb")}}
     return PruneResult(pa.table(cols), clusters, report)
 
 
