@@ -85,8 +85,6 @@ def worker_ours(store_path: str, out: str, keep: float, dedup_k: int, dedup_nite
 
 def worker_baseline(store_path: str, out: str, keep: float, dedup_k: int) -> dict:
     import faiss
-    from qpsolvers import solve_qp
-    import scipy.sparse as sp
 
     from dbp_lightning.store import EmbeddingStore
 
@@ -126,10 +124,7 @@ def worker_baseline(store_path: str, out: str, keep: float, dedup_k: int) -> dic
     d_inter = np.array([(1 - np.sort(row)[::-1][:NEIGHBORS]).mean() for row in csim])
     z = d_intra * d_inter / TEMPERATURE
     p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
-    qp = solve_qp(P=sp.identity(DBP_K, format="csc") * 2.0, q=-2.0 * p * target,
-                  A=sp.csc_matrix(np.ones((1, DBP_K))), b=np.array([float(target)]),
-                  lb=np.ones(DBP_K), ub=sizes.astype(float), solver="osqp")
-    quotas = np.rint(qp).astype(np.int64)
+    quotas = np.rint(paper_call(p * target, np.ones(DBP_K), sizes, target)).astype(np.int64)
     selected = np.zeros(len(rows), bool)
     for c in range(DBP_K):
         members = np.where(assignment2 == c)[0]

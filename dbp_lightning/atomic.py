@@ -150,6 +150,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def files_fingerprint(root: str | os.PathLike, paths) -> str:
+    """16 hex digits of the files ``paths`` under ``root``: each one's path relative to ``root``,
+    size and bytes, in sorted order. The same fingerprint, the same files (a demo build, a font set)."""
+    root = Path(root)
+    h = hashlib.blake2b(digest_size=8)
+    for path in sorted(Path(p) for p in paths):
+        h.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def _json_default(obj):
     if isinstance(obj, np.generic):
         return obj.item()

@@ -231,6 +231,15 @@ class EncoderConfig:
         return fields
 
 
+def pool_size_needed(config: PruneConfig) -> int:
+    """The fewest samples ``config`` can run on: what :func:`check_pool_size` checks against
+    (a caller counting a pool can stop there)."""
+    s = config.select
+    return max(config.semdedup.k if "semdedup" in config.stages else 0,
+               s.k if any(x in ("dbp", "ssp") for x in config.stages) else 0,
+               (s.target_size or 0) if any(x in SELECTORS for x in config.stages) else 0)
+
+
 def check_pool_size(config: PruneConfig, n: int, where: str = "the pool") -> None:
     """Raise ValueError, saying what to set, for an option the pool of ``n`` samples cannot
     satisfy (cells or clusters, a target size). Cheap: callers run it before embedding, from

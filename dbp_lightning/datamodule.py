@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from . import cache
-from .config import EncoderConfig, PruneConfig, check_pool_size, default_workers
+from .config import (EncoderConfig, PruneConfig, check_pool_size, default_workers,
+                     pool_size_needed)
 from .data.keep import KeptIdentities, KeptSamples
 from .data.reshard import reshard
 from .data.stream import Epoch, ResampledShards, SampleShuffle, ShuffledShards
@@ -287,13 +288,10 @@ class DBPDataModule(L.LightningDataModule):
         """Refuse, before anything is embedded, prune options the pool is too small for (a
         default ``semdedup.k`` of 1,000 on a pool of 200): from the shards' sample counts, read
         only until the largest size an option needs is reached."""
-        c = self.prune_config
-        needs = [c.semdedup.k if "semdedup" in c.stages else 0,
-                 c.select.k if any(s in ("dbp", "ssp") for s in c.stages) else 0,
-                 c.select.target_size or 0]
-        n, exact = count_pool(self.shards, at_least=max(needs))
+        n, exact = count_pool(self.shards, at_least=pool_size_needed(self.prune_config))
         if exact:
-            check_pool_size(c, n, where="the pool's " + _count(len(self.shards), "shard", "shards"))
+            check_pool_size(self.prune_config, n,
+                            where="the pool's " + _count(len(self.shards), "shard", "shards"))
 
     def _take_recompute(self, entry: str) -> bool:
         """Whether to make ``entry`` again now (True once per DataModule with ``recompute``)."""

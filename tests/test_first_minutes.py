@@ -232,3 +232,20 @@ def test_demo_sets_aside_results_of_other_data_and_never_touches_a_foreign_cache
     assert (demo / "stale-aaaa" / "cache" / "embeddings-y").is_dir()
     assert (demo / "stale-aaaa" / "runs" / "full" / "seed0").is_dir()
     assert (demo / "data_fingerprint.txt").read_text().strip() == "bbbb"
+
+
+@pytest.mark.parametrize("stages", [["semdedup", "dbp"], ["dbp"], ["semdedup", "random"], ["random"],
+                                    ["semdedup", "ssp"], ["semdedup"]])
+@pytest.mark.parametrize("select", [SelectConfig(target_fraction=0.5, k=30, num_neighbors=5),
+                                    SelectConfig(target_size=70, target_fraction=None, k=30, num_neighbors=5)])
+def test_pool_size_needed_is_the_smallest_pool_check_pool_size_accepts(stages, select):
+    from dbp_lightning.config import pool_size_needed
+
+    config = PruneConfig(stages=stages, semdedup=SemDeDupConfig(k=50), select=select)
+    needed = pool_size_needed(config)
+    check_pool_size(config, needed)  # the counting may stop there: enough
+    if stages == ["random"] and select.target_size is None:
+        assert needed == 0  # a fraction of any pool: nothing to check
+        return
+    with pytest.raises(ValueError, match="exceeds"):
+        check_pool_size(config, needed - 1)

@@ -310,13 +310,10 @@ def _build(out: Path, spec: DemoSpec, workers: int, progress: bool) -> dict:
 
 
 def data_fingerprint(out: str | os.PathLike) -> str:
-    """16 hex digits of every file of a demo build but ``demo_data.json`` (relative paths and
-    bytes): two machines whose builds print the same fingerprint trained on the same data."""
+    """16 hex digits of every file of a demo build but ``demo_data.json`` (relative paths, sizes
+    and bytes): two machines whose builds print the same fingerprint trained on the same data."""
+    from ..atomic import files_fingerprint
+
     out = Path(out)
-    h = hashlib.blake2b(digest_size=8)
-    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "demo_data.json"):
-        h.update(f"{path.relative_to(out).as_posix()}\0{path.stat().st_size}\0".encode())
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
+    files = (p for p in out.rglob("*") if p.is_file() and p.name != "demo_data.json")
+    return files_fingerprint(out, files)

@@ -12,7 +12,6 @@ cairo/FreeType build that rasterises the glyphs (Debian's, the same within a rel
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -30,11 +29,10 @@ def font_dir() -> Path:
 
 
 def font_fingerprint(directory: Path) -> str:
-    """16 hex digits of the fonts' names and bytes: the same fingerprint, the same renders."""
-    h = hashlib.blake2b(digest_size=8)
-    for path in sorted(directory.glob("*.ttf")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()
+    """16 hex digits of the fonts' names, sizes and bytes: the same fingerprint, the same renders."""
+    from ..atomic import files_fingerprint
+
+    return files_fingerprint(directory, directory.glob("*.ttf"))
 
 
 def pin_fonts() -> str:

@@ -127,21 +127,17 @@ def round_to_total(x: np.ndarray, lower: np.ndarray, upper: np.ndarray, total: i
     return base
 
 
-def _solve_osqp(t: np.ndarray, lower: np.ndarray, upper: np.ndarray, total: int,
-                tight: bool = True) -> np.ndarray:
-    """The paper's route: qpsolvers + OSQP on the same QP (the caller repairs the rounding).
-
-    ``tight``: tolerance 1e-9 with polishing, so that the rounding repair starts from the QP's
-    optimum; False is the paper's own call, OSQP at its default tolerances (1e-3), what a user
-    of its code waits for (``benchmarks/bench_prune.py`` times both)."""
+def _solve_osqp(t: np.ndarray, lower: np.ndarray, upper: np.ndarray, total: int) -> np.ndarray:
+    """The paper's route: qpsolvers + OSQP on the same QP (the caller repairs the rounding), at
+    tolerance 1e-9 with polishing so that the repair starts from the optimum (the paper's own
+    call, at OSQP's defaults, is timed beside it in ``benchmarks/bench_prune.py``)."""
     import scipy.sparse as sp
     from qpsolvers import solve_qp
 
     k = len(t)
-    options = dict(eps_abs=1e-9, eps_rel=1e-9, max_iter=100000, polishing=True) if tight else {}
     x = solve_qp(P=sp.identity(k, format="csc") * 2.0, q=-2.0 * t, A=sp.csc_matrix(np.ones((1, k))),
                  b=np.array([float(total)]), lb=lower.astype(np.float64), ub=upper.astype(np.float64),
-                 solver="osqp", **options)
+                 solver="osqp", eps_abs=1e-9, eps_rel=1e-9, max_iter=100000, polishing=True)
     if x is None:
         raise ValueError("OSQP found no solution for the quota QP")
     return x
