@@ -108,6 +108,14 @@ class PruneConfig:
     """where k-means searches and SemDeDup's block similarities run: auto (faiss-gpu where
     installed with a GPU, else torch on CUDA, else faiss on CPU), faiss or torch; the selection
     is the same bytes on any"""
+    memory_gb: float = 1.0
+    """working memory of the out-of-core stages, GiB: sort buffers, the cells held at once and
+    similarity blocks are sized from it; the per-sample arrays (about 130 bytes a sample) come on
+    top, and the pool's own pages are the page cache's, not counted here"""
+    scratch_dir: Optional[str] = None
+    """where SemDeDup writes the pool's rows sorted by cell (its stored size, e.g. 5.1 GB for
+    10M x 256 float16), checked for room before any stage; None: $TMPDIR. Point it at fast
+    local disk; the file is freed on exit, failure or kill"""
     semdedup: SemDeDupConfig = field(default_factory=SemDeDupConfig)
     """SemDeDup (stage semdedup)"""
     clip_score: ClipScoreConfig = field(default_factory=ClipScoreConfig)
@@ -131,6 +139,7 @@ class PruneConfig:
                "stages: at most one of dbp, ssp, random")
         _check(self.gpu in ("auto", "true", "false", True, False), "gpu: auto, true or false")
         _check(self.backend in ("auto", "faiss", "torch"), f"backend: auto, faiss or torch, got {self.backend!r}")
+        _check(self.memory_gb > 0, f"memory_gb must be > 0, got {self.memory_gb}")
         if "semdedup" in self.stages:
             d = self.semdedup
             _check((d.eps is None) != (d.target_fraction is None),

@@ -74,6 +74,24 @@ def test_partition_kmeans_split_by_coarse_cell_equals_one_process(world_size, mo
             assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_semdedup_in_the_partition_pass_equals_duplicate_similarity(world_size, monkeypatch):
+    """semdedup_passes finds each coarse cell's duplicates while its rows are held for the split:
+    the same bytes as duplicate_similarity over the same partitions, on any number of ranks."""
+    from dbp_lightning.pruning.semdedup import duplicate_similarity, semdedup_passes
+
+    monkeypatch.setattr(kmeans, "FLAT_MAX_K", 16)
+    x, _, _ = make_pool(PoolSpec(n=4000, dim=16, n_concepts=40, seed=6))
+    parts = [kmeans.partition_kmeans(x, 60, niter=5, seed=2 + p, gpu=False) for p in range(2)]
+    sims, partner = duplicate_similarity(x, [p.assignment for p in parts], parts[0].similarity,
+                                         return_partner=True)
+    for first, got_sims, got_partner in run_ranks(world_size, lambda comm: semdedup_passes(
+            x, 60, passes=2, niter=5, seed=2, comm=comm)):
+        assert np.array_equal(first.assignment, parts[0].assignment)
+        assert np.array_equal(got_sims, sims) and np.array_equal(got_partner, partner)
+    assert (partner >= 0).sum() > 3000  # cells of many rows: most rows have a partner
+
+
 CONFIGS = {
     "semdedup-dbp": dict(stages=["semdedup", "dbp"],
                          semdedup=SemDeDupConfig(k=30, target_fraction=0.8, block_size=64),

@@ -145,23 +145,27 @@ class TorchTop2:
 def torch_earlier_top2(xc: np.ndarray, block_size: int, device: str
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SemDeDup's estimates inside one cell, on ``device``: for each member of ``xc`` (float32
-    (M, d), in rank order) the best and second-best float32 dot product with an earlier member,
+    (M, d), in rank order; an array, or a RowRange read block by block) the best and second-best float32 dot product with an earlier member,
     and the position of the best (-inf, -inf, -1 for the first member). Block by block, the
     running top two kept on the device: at most ``block_size``**2 similarities at once."""
     import torch
 
     dev = torch.device(device)
     with _no_tf32(torch), torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(xc, np.float32)).to(dev)
-        m = len(x)
+        if isinstance(xc, np.ndarray):
+            held = torch.from_numpy(np.ascontiguousarray(xc, np.float32)).to(dev)
+            rows_of = lambda a, b: held[a:b]  # noqa: E731
+        else:  # a cell too large to hold (a RowRange of sorted rows): block by block
+            rows_of = lambda a, b: torch.from_numpy(xc[a:b]).to(dev)  # noqa: E731
+        m = len(xc)
         best = torch.full((m,), -float("inf"), device=dev)
         second = torch.full((m,), -float("inf"), device=dev)
         arg = torch.full((m,), -1, dtype=torch.int64, device=dev)
         for js in range(0, m, block_size):
-            xj = x[js : js + block_size]
+            xj = rows_of(js, js + block_size)
             n_j = len(xj)
             for is_ in range(0, js + n_j, block_size):
-                sims = xj @ x[is_ : is_ + block_size].T
+                sims = xj @ (xj if is_ == js else rows_of(is_, is_ + block_size)).T
                 if is_ == js:  # only members ranked strictly before count
                     sims.masked_fill_(torch.ones_like(sims, dtype=torch.bool).triu(), -float("inf"))
                 top = torch.topk(sims, min(2, sims.shape[1]), dim=1)

@@ -116,6 +116,14 @@ class Embeddings:
         view.n = len(view.x.rows)
         return view
 
+    def over(self, x) -> "Embeddings":
+        """``x``, float32 rows this Embeddings already returned (a copy or a
+        :class:`~.scratch.RowRange` of sorted rows), as an Embeddings without re-validating."""
+        view = object.__new__(Embeddings)
+        view.__dict__.update(self.__dict__)
+        view.x, view.n, view.normalize = x, len(x), False
+        return view
+
     def blocks(self, block_size: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, rows)`` over the whole matrix, rows float32 (<= block_size, d)."""
         step = block_size or self.block_size

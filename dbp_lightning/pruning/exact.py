@@ -34,6 +34,9 @@ import math
 
 import numpy as np
 
+#: rows per read when an array-like input is too large to hold (max_norm, first_twin)
+_BLOCK = 65536
+
 #: absolute slack for the rounding of the bound arithmetic itself (|values| stay below ~2).
 SLACK = 2.0**-40
 
@@ -62,6 +65,8 @@ def max_norm(x: np.ndarray) -> float:
     """
     if len(x) == 0:
         return 0.0
+    if not isinstance(x, np.ndarray):  # an array-like too large to hold (a sorted cell): blocks
+        return max(max_norm(x[s : s + _BLOCK]) for s in range(0, len(x), _BLOCK))
     squares = float(np.einsum("ij,ij->i", x, x).max())
     return float(np.sqrt(squares * (1.0 + 3.0 * x.shape[1] * 2.0**-24)))
 
@@ -147,11 +152,36 @@ def pair_sims(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def first_twin(x: np.ndarray) -> np.ndarray:
-    """int64 (n,): for each row of ``x``, the lowest index of a bit-identical row."""
+    """int64 (n,): for each row of ``x``, the lowest index of a bit-identical row.
+
+    ``x`` may be an array-like too large to hold (a sorted cell): then each row is hashed block
+    by block, and only rows whose hashes collide are read again and compared bit for bit.
+    """
+    if not isinstance(x, np.ndarray):
+        return _first_twin_hashed(x)
     x = np.ascontiguousarray(x)
     rows = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).reshape(-1)
     _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
     return first[inverse.reshape(-1)].astype(np.int64)
+
+
+def _first_twin_hashed(x) -> np.ndarray:
+    n = len(x)
+    # a fixed random odd multiplier per 32-bit word: sums of products modulo 2**64
+    mult = np.random.default_rng(0).integers(1, 2**63, x.shape[1], dtype=np.uint64) * 2 + 1
+    h = np.empty(n, np.uint64)
+    for s in range(0, n, _BLOCK):
+        words = np.ascontiguousarray(x[s : s + _BLOCK], np.float32).view(np.uint32)
+        h[s : s + len(words)] = (words.astype(np.uint64) * mult).sum(axis=1, dtype=np.uint64)
+    twin = np.arange(n, dtype=np.int64)
+    order = np.argsort(h, kind="stable")  # equal hashes in row order
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(h[order])) + 1])
+    stops = np.append(starts[1:], n)
+    shared = stops - starts > 1
+    for a, b in zip(starts[shared], stops[shared]):  # equal hashes: the rows themselves decide
+        run = order[a:b]
+        twin[run] = run[first_twin(np.asarray(x[run], np.float32))]
+    return twin
 
 
 def _winner(q: np.ndarray, keys: np.ndarray, candidates: np.ndarray) -> int:

@@ -246,7 +246,8 @@ FLAT_MAX_K = 1024
 
 def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | None = None,
                      gpu: str | bool = "auto", progress: bool = False, comm=None,
-                     backend: str | Backend = "auto") -> KMeansResult:
+                     backend: str | Backend = "auto", memory_bytes: int | None = None,
+                     scratch_dir: str | None = None, visit=None) -> KMeansResult:
     """About ``k`` cells of similar rows (SemDeDup's partition), at a cost that grows with N.
 
     SemDeDup compares pairs inside cells, so its cells must stay small as the pool grows: k
@@ -265,6 +266,15 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
         sample: training rows of the (first level) k-means; the second level uses its default.
         comm: a :mod:`~dbp_lightning.pruning.collective` collective: the first level as in
             :func:`spherical_kmeans`, then the ranks split the coarse cells.
+        memory_bytes, scratch_dir: the second level reads each coarse cell's rows from one
+            sort of the pool by coarse cell (:func:`~.scratch.sort_rows`, in memory when it
+            fits a quarter of ``memory_bytes``, else in ``scratch_dir``); a coarse cell whose
+            float32 rows fit in a quarter is held whole, a larger one read block by block.
+        visit: optional ``visit(members, rows, cells, similarity)``, called in two levels with
+            each coarse cell of this rank once it is split, while its rows are at hand: int64
+            (M,) increasing row ids, their float32 rows (an array, or a
+            :class:`~.scratch.RowRange` when too large to hold), int64 (M,) global fine cell
+            and float32 (M,) similarity to it. So SemDeDup reads each row once per partition.
 
     Returns:
         :class:`KMeansResult`: fine centroids (k_total, d), global cell ids, similarity to the
@@ -275,14 +285,15 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
         return spherical_kmeans(emb, k, niter=niter, seed=seed, sample=sample, gpu=gpu,
                                 progress=progress, comm=comm, backend=backend)
     from .groups import cluster_index
+    from .scratch import DEFAULT_MEMORY_BYTES, sort_rows
 
     comm = comm or Local()
+    memory_bytes = memory_bytes or DEFAULT_MEMORY_BYTES
     k1 = int(np.ceil(np.sqrt(k)))
     backend = resolve_backend(backend, gpu, comm.local_rank)
     coarse = spherical_kmeans(emb, k1, niter=niter, seed=seed, sample=sample, progress=progress,
                               comm=comm, backend=backend)
-    index = cluster_index(coarse.assignment, None, k1)  # each cell's rows, in row order
-    sizes = index.sizes
+    sizes = np.bincount(coarse.assignment, minlength=k1)
     cells = np.minimum(sizes, np.maximum(1, np.rint(k * sizes / emb.n))).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(cells)])
     # what another rank computes holds max's identity until the reductions fill it in
@@ -290,13 +301,24 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
     similarity = np.full(emb.n, -np.inf, np.float32)
     centroids = np.full((int(offsets[-1]), emb.d), -np.inf, np.float32)
     owner = owners(sizes.astype(np.float64) * cells, comm.world_size)  # Lloyd cost ~ M_c k_c
-    mine = np.flatnonzero((owner == comm.rank) & (sizes > 0))
-    for c in tqdm(mine, disable=not progress, desc="cells", unit="coarse cell", leave=False):
-        rows = index.members(c)
-        fine = spherical_kmeans(emb.subset(rows), int(cells[c]), niter=niter,
-                                seed=seed * 1_000_003 + int(c), backend=backend)
-        assignment[rows] = fine.assignment + offsets[c]
-        similarity[rows] = fine.similarity
-        centroids[offsets[c] : offsets[c + 1]] = fine.centroids
+    mine = (owner == comm.rank) & (sizes > 0)
+    # this rank's coarse cells' rows, each cell's in row order
+    index = cluster_index(coarse.assignment, None, k1, rows=np.flatnonzero(mine[coarse.assignment]))
+    whole = memory_bytes // (4 * 4 * emb.d)  # coarse cells of up to this many rows are held
+    with sort_rows(emb, index.order, memory_bytes, scratch_dir, progress) as grouped:
+        for c in tqdm(np.flatnonzero(mine), disable=not progress, desc="cells",
+                      unit="coarse cell", leave=False):
+            lo, hi = int(index.starts[c]), int(index.starts[c + 1])
+            held = grouped.range(lo, hi)
+            held = held.load() if hi - lo <= whole else held  # else read block by block
+            fine = spherical_kmeans(emb.over(held),
+                                    int(cells[c]), niter=niter, seed=seed * 1_000_003 + int(c),
+                                    backend=backend)
+            members = index.order[lo:hi]
+            assignment[members] = fine.assignment + offsets[c]
+            similarity[members] = fine.similarity
+            centroids[offsets[c] : offsets[c + 1]] = fine.centroids
+            if visit is not None:
+                visit(members, held, assignment[members], fine.similarity)
     return KMeansResult(comm.reduce_max(centroids), comm.reduce_max(assignment),
                         comm.reduce_max(similarity), coarse.n_iter)

@@ -23,10 +23,11 @@ from .collective import Local
 from .complexity import cluster_complexity
 from .embeddings import Embeddings, as_embeddings
 from .backend import resolve_backend
-from .kmeans import partition_kmeans, spherical_kmeans
+from .kmeans import spherical_kmeans
 from .quotas import dbp_quotas, softmax_probabilities
 from .select import dbp_select, random_select, ssp_select
-from .semdedup import duplicate_similarity, threshold_for_fraction
+from .scratch import check_scratch, scratch_bytes
+from .semdedup import semdedup_passes, threshold_for_fraction
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +154,23 @@ def _prune(x, config: PruneConfig, metadata: pa.Table | None, progress: bool, co
         log.info("%s: %s -> %s samples in %.1f s", name, f"{n_in:,}", f"{int(alive.sum()):,}",
                  stages[-1]["seconds"])
 
+    memory = int(config.memory_gb * 2**30)
+    scratch = 0
+    if "semdedup" in config.stages:  # the rows sorted by cell, on disk unless they fit in memory
+        scratch = scratch_bytes(n, emb.d, emb.x.dtype)
+        scratch = scratch if 4 * scratch > memory else 0
+        if scratch:
+            where = check_scratch(config.scratch_dir, scratch)
+            log.info("semdedup sorts the pool by cell: %.2f GB in %s", scratch / 1e9, where)
+
     if "semdedup" in config.stages:
         d, t0 = config.semdedup, time.perf_counter()
-        parts = [partition_kmeans(emb, d.k, niter=d.niter, seed=config.seed + p, sample=d.sample,
-                                  progress=progress, comm=comm, backend=backend)
-                 for p in range(d.passes)]
-        dup_sim, partner = duplicate_similarity(emb, [p.assignment for p in parts],
-                                                parts[0].similarity, d.block_size, progress,
-                                                return_partner=True, comm=comm, backend=backend)
+        first, dup_sim, partner = semdedup_passes(
+            emb, d.k, d.passes, niter=d.niter, seed=config.seed, sample=d.sample,
+            block_size=d.block_size, progress=progress, comm=comm, backend=backend,
+            memory_bytes=memory, scratch_dir=config.scratch_dir)
         threshold = 1.0 - d.eps if d.eps is not None else threshold_for_fraction(dup_sim, d.target_fraction)
-        cols["dedup_cluster"] = parts[0].assignment.astype(np.int32)
+        cols["dedup_cluster"] = first.assignment.astype(np.int32)
         cols["dup_sim"] = dup_sim
         # the identity, not the row, so the column still means something in a filtered selection
         ids = cols[id_column(cols)]
@@ -171,8 +179,8 @@ def _prune(x, config: PruneConfig, metadata: pa.Table | None, progress: bool, co
         cols["dedup_kept"] = dup_sim <= threshold
         alive &= cols["dedup_kept"]
         record("semdedup", t0, n, eps=round(1.0 - threshold, 6), k=d.k,
-               cells=int(parts[0].centroids.shape[0]), passes=d.passes,
-               kmeans_iterations=parts[0].n_iter)
+               cells=int(first.centroids.shape[0]), passes=d.passes,
+               kmeans_iterations=first.n_iter, scratch_bytes=scratch)
 
     if "clip_score" in config.stages:
         c, t0, n_in = config.clip_score, time.perf_counter(), int(alive.sum())

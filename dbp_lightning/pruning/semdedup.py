@@ -30,6 +30,7 @@ from .embeddings import as_embeddings
 from . import exact
 from .exact import SLACK, dot_bound, exact_argmax, first_twin, max_norm, row_sims, top2_update
 from .groups import cluster_index
+from .scratch import DEFAULT_MEMORY_BYTES, sort_rows
 
 #: duplicate similarity of a cluster's first-ranked member (nothing ranked before it).
 NO_EARLIER = -1.0
@@ -37,7 +38,9 @@ NO_EARLIER = -1.0
 
 def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size: int = 4096,
                          progress: bool = False, return_partner: bool = False, comm=None,
-                         backend: str | Backend = "auto"):
+                         backend: str | Backend = "auto",
+                         memory_bytes: int = DEFAULT_MEMORY_BYTES,
+                         scratch_dir: str | None = None):
     """Each row's largest cosine similarity to a member of its cluster ranked before it.
 
     Args:
@@ -54,6 +57,12 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
             clusters (balanced by pairs, M**2) and every rank gets all N results.
         backend: "auto", "faiss" or "torch": where the block similarities run
             (:mod:`.backend`: faiss means NumPy's BLAS here); the result is the same bytes.
+        memory_bytes: working memory. The rows are first written in cell order
+            (:func:`~.scratch.sort_rows`, to ``scratch_dir`` unless they fit in a quarter of
+            it), so that each cell is one contiguous read; a cell whose float32 rows fit in a
+            quarter is read whole, a larger one block by block. Similarity blocks are at most
+            ``block_size`` rows and fit in an eighth of it.
+        scratch_dir: where the sorted rows go (None: ``$TMPDIR``); needs the rows' stored bytes.
 
     Returns:
         float32 (N,), in [-1, 1]: the exact dot product, rounded (:mod:`.exact`), so the same on
@@ -65,7 +74,7 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
     emb = as_embeddings(x)
     if not isinstance(assignment, np.ndarray) or assignment.ndim == 2:
         per_part = [duplicate_similarity(emb, a, sim_to_centroid, block_size, progress, True, comm,
-                                         backend) for a in assignment]
+                                         backend, memory_bytes, scratch_dir) for a in assignment]
         sims = np.stack([s for s, _ in per_part])
         best = sims.argmax(axis=0)  # first partition on ties
         cols = np.arange(sims.shape[1])
@@ -83,31 +92,164 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
     sizes = np.bincount(assignment)
     owner = owners(sizes.astype(np.float64) ** 2, comm.world_size)
     mine = (owner == comm.rank) & (sizes > 1)
-    if comm.world_size == 1:
-        index = cluster_index(assignment, sim_to_centroid, len(sizes))
-    else:  # sort only this rank's clusters' rows
-        index = cluster_index(assignment, sim_to_centroid, len(sizes),
-                              rows=np.flatnonzero(mine[assignment]))
+    # this rank's cells' rows only, each cell in rank order (the same order as an index of all)
+    index = cluster_index(assignment, sim_to_centroid, len(sizes),
+                          rows=np.flatnonzero(mine[assignment]))
+    block_size, not_before, whole = _blocks(block_size, memory_bytes, emb.d)
     # rows another rank handles hold max's identity until the reduction fills them in
     out = np.full(emb.n, -np.inf, np.float32)
     partner = np.full(emb.n, -1, np.int64)
-    not_before = np.triu(np.ones((block_size, block_size), bool))  # [j, i]: i not ranked before j
-    for c in tqdm(np.flatnonzero(mine), disable=not progress, desc="semdedup",
-                  unit="cluster", leave=False):
-        rows = index.members(c)
-        xc = emb.take(rows)  # the cluster's rows: memory grows with the largest cluster
-        arg = _earlier_nearest(xc, block_size, not_before, backend)
-        has = arg >= 0
-        out[rows[has]] = row_sims(xc[has], xc[arg[has]])
-        partner[rows] = np.where(has, rows[np.maximum(arg, 0)], -1)
+    with sort_rows(emb, index.order, memory_bytes, scratch_dir, progress) as ranked:
+        for c in tqdm(np.flatnonzero(mine), disable=not progress, desc="semdedup",
+                      unit="cluster", leave=False):
+            lo, hi = int(index.starts[c]), int(index.starts[c + 1])
+            rows = index.order[lo:hi]
+            xc = ranked.range(lo, hi)
+            xc = xc.load() if hi - lo <= whole else xc  # else read block by block
+            out[rows], partner[rows] = _cell_duplicates(xc, rows, block_size, not_before, backend)
     out = np.maximum(comm.reduce_max(out), NO_EARLIER)  # also a singleton's NO_EARLIER
     partner = comm.reduce_max(partner)
     return (out, partner) if return_partner else out
 
 
+def semdedup_passes(x, k: int, passes: int = 2, niter: int = 10, seed: int = 0,
+                    sample: int | None = None, block_size: int = 4096, progress: bool = False,
+                    comm=None, backend: str | Backend = "auto",
+                    memory_bytes: int = DEFAULT_MEMORY_BYTES, scratch_dir: str | None = None):
+    """SemDeDup's partitions and its duplicate similarities over all of them, in one pass each.
+
+    Partition ``p`` is :func:`~.kmeans.partition_kmeans` with ``seed + p``. In two levels (above
+    ``FLAT_MAX_K`` cells) every fine cell lies inside one coarse cell, so each coarse cell's
+    duplicates are found while its rows are held for its split (:func:`group_duplicates`): the
+    pool is sorted once per partition, not twice. A flat partition goes through
+    :func:`duplicate_similarity`. The result is that of ``duplicate_similarity`` on the same
+    partitions, bit for bit.
+
+    Args:
+        x: (N, d) embeddings (array, memmap or Embeddings).
+        k, niter, sample: the dedup partition's cells, iterations and training rows.
+        passes: partitions searched together (the module docstring).
+        seed, block_size, progress, comm, backend, memory_bytes, scratch_dir: as
+            :func:`duplicate_similarity` and :func:`~.kmeans.partition_kmeans`.
+
+    Returns:
+        (the first partition's :class:`~.kmeans.KMeansResult`, float32 (N,) duplicate
+        similarity, int64 (N,) partner row), as :func:`duplicate_similarity` with
+        ``return_partner``.
+    """
+    from . import kmeans
+
+    emb = as_embeddings(x)
+    comm = comm or Local()
+    backend = resolve_backend(backend, "auto", comm.local_rank)
+    first = best = partner = None
+    for p in range(passes):
+        found = np.full(emb.n, -np.inf, np.float32)  # max's identity for other ranks' rows
+        found_partner = np.full(emb.n, -1, np.int64)
+
+        def visit(members, rows, cells, similarity):
+            key = similarity if first is None else first.similarity[members]
+            found[members], found_partner[members] = group_duplicates(
+                emb, members, rows, cells, key, block_size, backend, memory_bytes, scratch_dir)
+
+        part = kmeans.partition_kmeans(emb, k, niter=niter, seed=seed + p, sample=sample,
+                                       progress=progress, comm=comm, backend=backend,
+                                       memory_bytes=memory_bytes, scratch_dir=scratch_dir,
+                                       visit=visit)
+        if first is None:
+            first = part
+        if k > kmeans.FLAT_MAX_K:
+            found = np.maximum(comm.reduce_max(found), NO_EARLIER)
+            found_partner = comm.reduce_max(found_partner)
+        else:
+            found, found_partner = duplicate_similarity(
+                emb, part.assignment, first.similarity, block_size, progress, True, comm,
+                backend, memory_bytes, scratch_dir)
+        if best is None:
+            best, partner = found, found_partner
+        else:  # the first partition giving the maximum keeps it
+            better = found > best
+            best[better], partner[better] = found[better], found_partner[better]
+    return first, best, partner
+
+
+def group_duplicates(emb, members: np.ndarray, rows, cells: np.ndarray, key: np.ndarray,
+                     block_size: int = 4096, backend: Backend = Backend("faiss", "cpu"),
+                     memory_bytes: int = DEFAULT_MEMORY_BYTES, scratch_dir: str | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Duplicate similarities inside every cell of a group of cells whose rows are at hand.
+
+    Args:
+        emb: the pool's :class:`~.embeddings.Embeddings` (for reading ``rows`` in blocks).
+        members: int64 (M,) the group's rows, increasing.
+        rows: their float32 (M, d) rows: an array, or a :class:`~.scratch.RowRange` too large
+            to hold (then each cell is gathered from it, and one too large itself is sorted
+            into rank order on scratch).
+        cells: int (M,) each member's cell; key: float (M,) its ranking key (least first).
+        block_size, backend, memory_bytes, scratch_dir: as :func:`duplicate_similarity`.
+
+    Returns:
+        float32 (M,) similarity to the partner (-inf for a cell's first member) and int64 (M,)
+        partner row (-1), as :func:`duplicate_similarity` gives them for these rows.
+    """
+    block_size, not_before, whole = _blocks(block_size, memory_bytes, emb.d)
+    local = np.lexsort((key, cells))  # cell, then key, then row (members increase)
+    cuts = np.flatnonzero(np.diff(cells[local])) + 1
+    sims = np.full(len(members), -np.inf, np.float32)
+    partner = np.full(len(members), -1, np.int64)
+    for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(local)]])):
+        if hi - lo < 2:
+            continue
+        pos = local[lo:hi]
+        if isinstance(rows, np.ndarray) or hi - lo <= whole:
+            sims[pos], partner[pos] = _cell_duplicates(rows[pos], members[pos], block_size,
+                                                       not_before, backend)
+            continue
+        with sort_rows(emb.over(rows), pos, memory_bytes, scratch_dir) as ranked:
+            sims[pos], partner[pos] = _cell_duplicates(ranked.range(0, hi - lo), members[pos],
+                                                       block_size, not_before, backend)
+    return sims, partner
+
+
+def _blocks(block_size: int, memory_bytes: int, d: int) -> tuple[int, np.ndarray, int]:
+    """Similarity block rows (at most ``block_size``, sized from the budget), the diagonal
+    block's mask ([j, i]: i not ranked before j), and the most rows of a cell held whole (its
+    float32 rows in a quarter of the budget)."""
+    block_size = min(block_size, similarity_block_rows(memory_bytes))
+    return (block_size, np.triu(np.ones((block_size, block_size), bool)),
+            int(memory_bytes // (4 * 4 * d)))
+
+
+def _cell_duplicates(xc, rows: np.ndarray, block_size: int, not_before: np.ndarray,
+                     backend: Backend) -> tuple[np.ndarray, np.ndarray]:
+    """One cell, rows ``xc`` (array or RowRange) in rank order and their row ids ``rows``:
+    float32 similarity to the partner (-inf for the first) and int64 partner row (-1)."""
+    arg = _earlier_nearest(xc, block_size, not_before, backend)
+    return _partner_sims(xc, arg, block_size), np.where(arg >= 0, rows[np.maximum(arg, 0)], -1)
+
+
+def similarity_block_rows(memory_bytes: int) -> int:
+    """Rows of a similarity block whose float32 (rows x rows) estimates, and the masks and
+    temporaries beside them (about four times as much), fit in an eighth of ``memory_bytes``."""
+    return max(64, int(np.sqrt(memory_bytes / 8 / 16)))
+
+
+def _partner_sims(xc, arg: np.ndarray, block_size: int) -> np.ndarray:
+    """float32 (M,): each member's exact similarity to its partner ``xc[arg]`` (-inf where it
+    has none), read block by block."""
+    out = np.full(len(arg), -np.inf, np.float32)
+    for s in range(0, len(arg), block_size):
+        a = arg[s : s + block_size]
+        has = np.flatnonzero(a >= 0)
+        if has.size:
+            out[s + has] = row_sims(xc[s : s + block_size][has], xc[a[has]])
+    return out
+
+
 def _earlier_nearest(xc: np.ndarray, block_size: int, not_before: np.ndarray,
                      backend: Backend = Backend("faiss", "cpu")) -> np.ndarray:
-    """int64 (M,): for each member of a cluster (rows ``xc``, float32 (M, d), in rank order),
+    """int64 (M,): for each member of a cluster (rows ``xc``, float32 (M, d), in rank order; an
+    array or a :class:`~.scratch.RowRange` read block by block),
     the position of the earlier member with the largest exact dot product, the earliest on ties;
     -1 for the first member.
 

@@ -1,0 +1,241 @@
+"""A pool's rows rewritten in cell order to scratch disk, then read back one contiguous range
+per cell: how the per-cell stages stay out of core without a page fault per row.
+
+SemDeDup and the dedup partition's second level visit the pool cell by cell, and a cell's rows
+lie scattered over the pool. Gathering them from a memory-mapped store costs a fault per row
+and keeps the store's pages resident until they are dropped and faulted in again (at 10M rows
+that was most of SemDeDup's time). :func:`sort_rows` instead reads the pool once, in order, and
+writes each row to its place in the given order (an external bucket sort: rows go to buckets of
+consecutive positions in one sequential pass, then each bucket is put in order in memory), so
+that every cell is then one contiguous read, as SemDeDup's public code does with one file per
+cluster.
+
+The memory budget sets every buffer: the sort's blocks and buckets, and which cells are read
+whole (the others are read in blocks by :class:`RowRange`). When the sorted rows fit in a
+quarter of the budget they stay in memory and no file is written.
+
+The scratch file is unlinked the moment it is created, so the kernel frees it when the run
+closes it, fails, or is killed (SIGKILL included): no run leaves scratch behind. Its whole size
+is reserved before the first row is written; a disk without room refuses up front.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .embeddings import Embeddings
+
+#: working memory of the out-of-core stages when the caller gives none (``PruneConfig.memory_gb``)
+DEFAULT_MEMORY_BYTES = 1 << 30
+
+
+def scratch_bytes(n: int, d: int, dtype) -> int:
+    """Bytes of disk one :func:`sort_rows` of ``n`` rows of ``d`` values of ``dtype`` takes (the
+    rows as stored: float16 pools take 2 d bytes a row)."""
+    return int(n) * int(d) * np.dtype(dtype).itemsize
+
+
+def check_scratch(directory: str | os.PathLike | None, nbytes: int) -> str:
+    """The scratch directory (``None``: the system's temporary directory, ``$TMPDIR``), after
+    checking that it exists and has ``nbytes`` free; raises ValueError saying what to set."""
+    directory = str(directory) if directory else tempfile.gettempdir()
+    if not os.path.isdir(directory):
+        raise ValueError(f"scratch_dir {directory}: not a directory")
+    free = shutil.disk_usage(directory).free
+    if free < nbytes:
+        raise ValueError(f"scratch_dir {directory}: the sorted rows need {_size(nbytes)} and "
+                         f"{_size(free)} are free; set scratch_dir to a disk with room")
+    return directory
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
+class SortedRows:
+    """Rows ``order`` of an :class:`Embeddings`, in that order, in memory or in an unlinked
+    scratch file; read back as float32 (normalised as the source is) through :meth:`range`.
+
+    Use as a context manager (or call :meth:`close`): the file's space is freed on close.
+    """
+
+    def __init__(self, emb: Embeddings, n: int, memory: np.ndarray | None = None,
+                 fd: int | None = None):
+        self.emb, self.n, self.d = emb, n, emb.d
+        self.raw_dtype = np.dtype(emb.x.dtype)
+        self.row_bytes = self.d * self.raw_dtype.itemsize
+        self._memory, self._fd = memory, fd
+
+    @property
+    def on_disk(self) -> bool:
+        return self._fd is not None
+
+    def raw(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as stored (raw dtype), a new array."""
+        if self._memory is not None:
+            return self._memory[start:stop]
+        out = np.empty((stop - start, self.d), self.raw_dtype)
+        _pread(self._fd, out, start * self.row_bytes)
+        return out
+
+    def range(self, start: int, stop: int) -> "RowRange":
+        """Rows ``start:stop`` as a lazy float32 array-like (read on indexing)."""
+        return RowRange(self, start, stop)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._memory = None
+
+    def __enter__(self) -> "SortedRows":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RowRange:
+    """float32 (M, d) rows ``start:stop`` of a :class:`SortedRows`, read when indexed: a slice
+    is one contiguous read, an integer array one read per row. For cells too large to hold."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, rows: SortedRows, start: int, stop: int):
+        self.rows, self.start, self.stop = rows, start, stop
+        self.shape = (stop - start, rows.d)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def load(self) -> np.ndarray:
+        """All the rows, float32 (M, d)."""
+        return self[:]
+
+    def __getitem__(self, item):
+        finish = self.rows.emb._finish
+        if isinstance(item, slice):
+            a, b, step = item.indices(len(self))
+            if step != 1:
+                raise IndexError("RowRange slices must have step 1")
+            return finish(self.rows.raw(self.start + a, self.start + max(a, b)))
+        if np.ndim(item) == 0:
+            i = int(item)
+            return finish(self.rows.raw(self.start + i, self.start + i + 1))[0]
+        index = np.asarray(item, np.int64)
+        out = np.empty((len(index), self.rows.d), self.rows.raw_dtype)
+        for j, i in enumerate(index):
+            out[j] = self.rows.raw(self.start + int(i), self.start + int(i) + 1)[0]
+        return finish(out)
+
+
+def sort_rows(emb: Embeddings, order: np.ndarray, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+              scratch_dir: str | os.PathLike | None = None, progress: bool = False) -> SortedRows:
+    """Write rows ``order`` of ``emb`` in that order, for contiguous reads by range.
+
+    Args:
+        emb: the pool.
+        order: int (M,) distinct row indices (a cluster index's order, or part of one).
+        memory_bytes: working memory: the sort holds two buckets of a quarter of it each, and
+            the rows stay in memory instead when they fit in a quarter.
+        scratch_dir: where the file goes (None: ``$TMPDIR``); checked for room first.
+        progress: a progress bar over the pool pass.
+
+    Returns:
+        :class:`SortedRows`; position ``i`` holds row ``order[i]``, exactly as ``emb`` stores it.
+    """
+    order = np.asarray(order, np.int64)
+    m = len(order)
+    row_bytes = emb.d * np.dtype(emb.x.dtype).itemsize
+    bucket = max(1, int(memory_bytes) // (4 * row_bytes))  # rows per bucket and per pool block
+    if m <= bucket:
+        return SortedRows(emb, m, memory=np.asarray(emb.x[np.sort(order)])[_inverse(order)])
+    directory = check_scratch(scratch_dir, m * row_bytes)
+    fd, path = tempfile.mkstemp(prefix="dbp-scratch-", suffix=".rows", dir=directory)
+    os.unlink(path)  # freed on close or on death: nothing to clean up, ever
+    out = SortedRows(emb, m, fd=fd)
+    try:
+        _reserve(fd, m * row_bytes, directory)
+        _scatter(emb, order, bucket, fd, row_bytes, progress)
+        for lo in range(0, m, bucket):  # each bucket holds its rows by row; put them in order
+            hi = min(lo + bucket, m)
+            block = out.raw(lo, hi)
+            _pwrite(fd, block[_inverse(order[lo:hi])], lo * row_bytes)
+    except OSError as exc:
+        out.close()
+        if exc.errno == errno.ENOSPC:  # a file system that could not reserve the space up front
+            raise ValueError(f"scratch_dir {directory}: ran out of room writing "
+                             f"{_size(m * row_bytes)} of sorted rows; set scratch_dir to a disk "
+                             "with room") from None
+        raise
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
+def _inverse(rows: np.ndarray) -> np.ndarray:
+    """int64 (M,): for each position of ``rows``, where that row falls in ``sorted(rows)``."""
+    rank = np.empty(len(rows), np.int64)
+    rank[np.argsort(rows, kind="stable")] = np.arange(len(rows))
+    return rank
+
+
+def _scatter(emb: Embeddings, order: np.ndarray, bucket: int, fd: int, row_bytes: int,
+             progress: bool) -> None:
+    """One pass over the pool in row order: each row goes to the bucket of its position, and
+    a bucket's rows are appended in row order (a stable sort of each block by bucket)."""
+    position = np.full(emb.n, -1, np.int64)
+    position[order] = np.arange(len(order))
+    filled = np.zeros(-(-len(order) // bucket), np.int64)
+    with tqdm(total=emb.n, disable=not progress, desc="sort rows", unit="row", leave=False) as bar:
+        for start in range(0, emb.n, bucket):
+            stop = min(start + bucket, emb.n)
+            pos = position[start:stop]
+            wanted = np.flatnonzero(pos >= 0)
+            bar.update(stop - start)
+            if wanted.size == 0:  # none of this block's rows is wanted
+                continue
+            ids = pos[wanted] // bucket
+            by_bucket = np.argsort(ids, kind="stable")
+            ids = ids[by_bucket]
+            block = np.asarray(emb.x[start:stop])[wanted[by_bucket]]
+            cuts = np.flatnonzero(np.diff(ids)) + 1
+            for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(ids)]])):
+                b = int(ids[lo])
+                _pwrite(fd, block[lo:hi], (b * bucket + int(filled[b])) * row_bytes)
+                filled[b] += hi - lo
+
+
+def _reserve(fd: int, nbytes: int, directory: str) -> None:
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise ValueError(f"scratch_dir {directory}: no room for {_size(nbytes)} of sorted "
+                             "rows; set scratch_dir to a disk with room") from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise  # a file system without fallocate: writes still fail cleanly on ENOSPC
+
+
+def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
+    view = memoryview(np.ascontiguousarray(array)).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _pread(fd: int, out: np.ndarray, offset: int) -> None:
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise EOFError(f"scratch file ended at byte {offset + done}")
+        done += got

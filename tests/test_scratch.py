@@ -1,0 +1,229 @@
+"""Out-of-core SemDeDup: the pool sorted by cell on scratch disk, cells larger than the memory
+budget read in blocks, and scratch that never outlives its run (success, failure, SIGKILL)."""
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import unit_rows
+from dbp_lightning.config import PruneConfig, SelectConfig, SemDeDupConfig
+
+from dbp_lightning.pruning.embeddings import Embeddings
+from dbp_lightning.pruning.pipeline import prune
+from dbp_lightning.pruning.semdedup import duplicate_similarity
+from dbp_lightning.synthetic import PoolSpec, write_pool_store
+from test_select_semdedup import brute_duplicate_similarity
+
+# the modules (the package exports functions of the same names)
+kmeans, scratch, semdedup = (importlib.import_module(f"dbp_lightning.pruning.{m}")
+                             for m in ("kmeans", "scratch", "semdedup"))
+
+
+def scratch_fds(directory) -> list[str]:
+    """This process's open files in ``directory`` (unlinked ones read '... (deleted)')."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(directory)):
+            out.append(target)
+    return out
+
+
+def pool_with_copies(rng, n=3000, d=16, float16=True):
+    """Clustered unit rows, 10 % near-duplicates and 5 % bit-identical copies, off unit norm by
+    a few per cent (so reads normalise), as a float16 memmap like a store's shard."""
+    centres = unit_rows(rng, 12, d)
+    x = centres[rng.integers(0, 12, n)] + 0.35 * rng.standard_normal((n, d)).astype(np.float32)
+    near = rng.choice(n, n // 10, replace=False)
+    x[near] = x[rng.integers(0, n, len(near))] + 0.01 * rng.standard_normal((len(near), d))
+    same = rng.choice(n, n // 20, replace=False)
+    x[same] = x[rng.integers(0, n, len(same))]
+    x = x / np.linalg.norm(x, axis=1, keepdims=True) * rng.uniform(0.97, 1.03, (n, 1))
+    return x.astype(np.float16 if float16 else np.float32)
+
+
+@pytest.mark.parametrize("memory_rows", [5, 64, 10**6])
+def test_sorted_rows_read_back_as_a_gather_would(rng, tmp_path, memory_rows):
+    x = pool_with_copies(rng, n=500)
+    with pytest.warns(UserWarning, match="not L2-normalised"):
+        emb = Embeddings(x, block_size=37)
+    order = rng.permutation(500)[:321]  # part of the pool, in any order
+    memory = 4 * memory_rows * x.shape[1] * x.itemsize
+    with scratch.sort_rows(emb, order, memory, tmp_path) as rows:
+        assert rows.on_disk == (memory_rows < 321)
+        assert os.listdir(tmp_path) == []  # unlinked from the start
+        expected = emb.take(order)
+        np.testing.assert_array_equal(rows.range(0, 321).load(), expected)
+        part = rows.range(17, 200)
+        np.testing.assert_array_equal(part[5:90], expected[22:107])
+        np.testing.assert_array_equal(part[np.array([3, 0, 182, 3])], expected[[20, 17, 199, 20]])
+        np.testing.assert_array_equal(part[4], expected[21])
+    assert scratch_fds(tmp_path) == []
+
+
+def test_out_of_core_duplicate_similarity_is_the_same_bytes(rng, tmp_path):
+    x = pool_with_copies(rng, n=1500, d=8, float16=False)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    parts = [rng.integers(0, 3, 1500), rng.integers(0, 5, 1500)]  # cells of 300-500 rows
+    key = rng.uniform(0, 1, 1500).astype(np.float32)
+    held = duplicate_similarity(x, parts, key, block_size=64, return_partner=True)
+    np.testing.assert_allclose(duplicate_similarity(x, parts[0], key, memory_bytes=4 * 4 * 8 * 40,
+                                                    scratch_dir=tmp_path),
+                               brute_duplicate_similarity(x, parts[0], key), atol=1e-5)
+    # a budget far below one cell: whole cells are never held, similarity blocks of 64 rows
+    tiny = 4 * 4 * 8 * 40
+    assert tiny // (4 * 4 * 8) < 300
+    small = duplicate_similarity(x, parts, key, block_size=64, return_partner=True,
+                                 memory_bytes=tiny, scratch_dir=tmp_path)
+    np.testing.assert_array_equal(small[0], held[0])
+    np.testing.assert_array_equal(small[1], held[1])
+    pytest.importorskip("torch")
+    on_torch = duplicate_similarity(x, parts, key, block_size=64, return_partner=True,
+                                    memory_bytes=tiny, scratch_dir=tmp_path, backend="torch")
+    np.testing.assert_array_equal(on_torch[0], held[0])
+    np.testing.assert_array_equal(on_torch[1], held[1])
+    assert scratch_fds(tmp_path) == [] and os.listdir(tmp_path) == []
+
+
+def first_twin_brute(x):
+    return np.array([next(j for j in range(len(x)) if np.array_equal(x[j], x[i]))
+                     for i in range(len(x))])
+
+
+def test_first_twin_of_rows_too_large_to_hold_matches_the_definition(rng, tmp_path):
+    from dbp_lightning.pruning.exact import first_twin
+
+    x = pool_with_copies(rng, n=400, d=6, float16=False)
+    with pytest.warns(UserWarning, match="not L2-normalised"):
+        emb = Embeddings(np.abs(x) + 0.1)
+    with scratch.sort_rows(emb, np.arange(400), 4 * 8 * 4 * 6, tmp_path) as rows:
+        lazy = rows.range(0, 400)
+        held = lazy.load()
+        np.testing.assert_array_equal(first_twin(lazy), first_twin_brute(held))
+        np.testing.assert_array_equal(first_twin(held), first_twin_brute(held))
+
+
+@pytest.fixture(scope="module")
+def stored_pool(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pool") / "store"
+    write_pool_store(path, PoolSpec(n=6000, dim=32, n_concepts=60, block=2500, seed=5),
+                     dtype="float16")
+    return path
+
+
+def two_level_config(**kw):
+    return PruneConfig(stages=["semdedup", "dbp"], seed=3,
+                       semdedup=SemDeDupConfig(k=40, eps=0.05, target_fraction=None),
+                       select=SelectConfig(target_fraction=0.5, k=20, num_neighbors=5), **kw)
+
+
+def test_prune_out_of_core_gives_the_selection_bytes_held_in_memory(stored_pool, tmp_path,
+                                                                    monkeypatch):
+    from dbp_lightning.store import EmbeddingStore
+
+    monkeypatch.setattr(kmeans, "FLAT_MAX_K", 8)  # k=40: the two-level partition, 7 coarse cells
+    sorts = []
+    real = scratch.sort_rows
+
+    def spy(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        sorts.append((rows.n, rows.on_disk, len(scratch_fds(tmp_path))))
+        return rows
+
+    monkeypatch.setattr(semdedup, "sort_rows", spy)  # imported by name
+    monkeypatch.setattr(scratch, "sort_rows", spy)  # partition_kmeans imports it when it runs
+    held = prune(EmbeddingStore(stored_pool), two_level_config())
+    # one sort of the pool by coarse cell per partition, held in memory; cells are read from it
+    assert sorts == [(6000, False, 0)] * 2
+    sorts.clear()
+    # 16 KiB: coarse cells (~850 rows) and dedup cells (~150) are far above the 32 rows held
+    # whole: the pool sorted on disk, each dedup cell sorted into rank order on disk too
+    small = prune(EmbeddingStore(stored_pool),
+                  two_level_config(memory_gb=2**-16, scratch_dir=str(tmp_path)))
+    pool_sorts = [s for s in sorts if s[0] == 6000]
+    assert len(pool_sorts) == 2 and all(on_disk and fds == 1 for _, on_disk, fds in pool_sorts)
+    cell_sorts = [s for s in sorts if s[0] < 6000]
+    assert len(cell_sorts) > 40 and all(on_disk and fds == 2 for _, on_disk, fds in cell_sorts)
+    assert held.selection.equals(small.selection)
+    assert held.clusters.equals(small.clusters)
+    stage = small.report["stages"][0]
+    assert stage["scratch_bytes"] == 6000 * 32 * 2 and held.report["stages"][0]["scratch_bytes"] == 0
+    assert scratch_fds(tmp_path) == [] and os.listdir(tmp_path) == []
+
+
+def test_scratch_is_freed_when_a_stage_fails(stored_pool, tmp_path, monkeypatch):
+    from dbp_lightning.store import EmbeddingStore
+
+    seen = []
+
+    def fail(*args, **kwargs):
+        seen.append(len(scratch_fds(tmp_path)))
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(semdedup, "_earlier_nearest", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        prune(EmbeddingStore(stored_pool), two_level_config(memory_gb=2**-16,
+                                                            scratch_dir=str(tmp_path)))
+    assert seen and seen[0] >= 1  # sorted rows were open on disk when the stage failed ...
+    assert scratch_fds(tmp_path) == [] and os.listdir(tmp_path) == []  # ... and are gone
+
+
+def test_a_disk_without_room_is_refused_before_any_stage(stored_pool, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    import dbp_lightning.pruning.pipeline as P
+    from dbp_lightning.store import EmbeddingStore
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(scratch.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(P, "semdedup_passes", lambda *a, **k: pytest.fail("a stage ran"))
+    with pytest.raises(ValueError, match=f"scratch_dir {tmp_path}: the sorted rows need 0.4 MB "
+                                         "and 0.0 MB are free; set scratch_dir"):
+        prune(EmbeddingStore(stored_pool), two_level_config(memory_gb=2**-16,
+                                                            scratch_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="scratch_dir .*nope: not a directory"):
+        prune(EmbeddingStore(stored_pool), two_level_config(memory_gb=2**-16,
+                                                            scratch_dir=str(tmp_path / "nope")))
+    with pytest.raises(ValueError, match="memory_gb must be > 0"):
+        two_level_config(memory_gb=0).validate()
+
+
+def test_sigkill_during_the_sort_leaves_no_scratch_and_a_rerun_gives_the_same_bytes(
+        stored_pool, tmp_path):
+    scratch_dir, out = tmp_path / "scratch", tmp_path / "run"
+    scratch_dir.mkdir()
+    cmd = [sys.executable, "-m", "dbp_lightning.cli", "prune", "--input", str(stored_pool),
+           "--output", str(out), "--stages", "[semdedup, dbp]", "--semdedup.k", "40",
+           "--select.k", "20", "--select.num_neighbors", "5", "--select.target_fraction", "0.5",
+           "--memory_gb", str(2**-16), "--scratch_dir", str(scratch_dir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, open_scratch = time.monotonic() + 120, False
+    while time.monotonic() < deadline and proc.poll() is None and not open_scratch:
+        for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+            try:
+                open_scratch |= os.readlink(f"/proc/{proc.pid}/fd/{fd}").startswith(str(scratch_dir))
+            except OSError:
+                pass
+        time.sleep(0.01)
+    assert open_scratch, "the run finished or failed before it wrote any scratch"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.listdir(scratch_dir) == []  # nothing on disk to clean up, ever
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    reference = subprocess.run(cmd[:-4] + ["--output", str(tmp_path / "held")],
+                               capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    assert pq.read_table(out / "selection.parquet").equals(
+        pq.read_table(tmp_path / "held" / "selection.parquet"))
+    assert os.listdir(scratch_dir) == []
