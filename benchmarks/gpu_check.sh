@@ -69,8 +69,9 @@ export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
 T0=$(date +%s)
 
 echo "== GPU tests"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_backend.py 2>&1 | tail -15
-TESTS=${PIPESTATUS[0]}
+"$PY" -m pytest -q -rf -p no:cacheprovider tests/test_gpu.py tests/test_backend.py > "$WORK/tests.log" 2>&1
+TESTS=$?
+tail -15 "$WORK/tests.log"
 
 N=${GPU_CHECK_N:-10000000}  # smaller for a quick look; the figure is at 10M
 echo "== prune $N x 256 (backend torch; stopped after 330 s so that the table still comes)"
@@ -126,7 +127,10 @@ def load(name):
         return {"error": str(exc)}
 prune, embed = load("prune.json"), load("embed.json")
 print("| check | result |\n|---|---|")
-print(f"| GPU tests (tests/test_gpu.py, test_backend.py) | {'passed' if tests == '0' else 'FAILED'} |")
+counts = [l for l in open(f"{work}/tests.log").read().splitlines() if " passed" in l or " failed" in l]
+failed = [l.split()[1] for l in open(f"{work}/tests.log") if l.startswith("FAILED ")]
+print(f"| GPU tests (tests/test_gpu.py, test_backend.py) | {'passed' if tests == '0' else 'FAILED'}: "
+      f"{counts[-1].strip('= ') if counts else 'no summary'} {' '.join(failed)} |")
 print(f"| prune {__import__('os').environ.get('GPU_CHECK_N', '10000000')} x 256, wall s | "
       f"{round(prune['wall'], 1) if 'wall' in prune else prune.get('error')} |")
 for st in prune.get("stages", []):

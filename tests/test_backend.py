@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,9 @@ from dbp_lightning.pruning.pipeline import prune
 from dbp_lightning.pruning.semdedup import _earlier_top2, duplicate_similarity, semdedup
 
 FAISS, TORCH = Backend("faiss", "cpu"), Backend("torch", "cpu")
+# the comparisons need both; the GPU machine of benchmarks/gpu_check.sh has torch and no faiss
+needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None,
+                                 reason="faiss is not installed: nothing to compare torch with")
 
 
 def planted(rng, n=3000, d=32, concepts=30, dup=0.2):
@@ -58,6 +63,7 @@ def test_backend_refusals_name_the_option(monkeypatch):
         resolve_backend("auto", True)
 
 
+@needs_faiss
 def test_torch_top2_is_faiss_search(rng):
     import faiss
 
@@ -73,6 +79,7 @@ def test_torch_top2_is_faiss_search(rng):
     assert clear.mean() > 0.95 and (ti[clear, 0] == fi[clear, 0]).all()
 
 
+@needs_faiss
 def test_kmeans_same_bytes_on_either_backend_and_deterministic(rng):
     x = planted(rng)
     runs = [spherical_kmeans(x, 40, niter=15, seed=3, backend=b) for b in (FAISS, TORCH, TORCH)]
@@ -84,6 +91,7 @@ def test_kmeans_same_bytes_on_either_backend_and_deterministic(rng):
     assert objective > 0.4  # a real clustering (rows lie ~0.5 from their concept), not a degenerate one
 
 
+@needs_faiss
 def test_two_level_partition_same_on_either_backend(rng, monkeypatch):
     monkeypatch.setattr(kmeans_module, "FLAT_MAX_K", 16)
     x = planted(rng, n=2500)
@@ -93,6 +101,7 @@ def test_two_level_partition_same_on_either_backend(rng, monkeypatch):
     assert a.similarity.tobytes() == b.similarity.tobytes()
 
 
+@needs_faiss
 @pytest.mark.parametrize("block_size", [7, 4096])
 def test_semdedup_estimates_and_removals_agree(rng, block_size):
     x = planted(rng, n=1500)
@@ -115,6 +124,7 @@ def test_semdedup_estimates_and_removals_agree(rng, block_size):
     assert (keep["faiss"] == keep["torch"]).all() and 150 < (~keep["torch"]).sum() < 400  # ~300 copies
 
 
+@needs_faiss
 def test_prune_writes_the_same_selection_on_torch_and_says_where_it_ran(rng):
     x = planted(rng, n=2000)
     config = PruneConfig(stages=["semdedup", "dbp"], semdedup=SemDeDupConfig(k=20),
