@@ -293,7 +293,9 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
     backend = resolve_backend(backend, gpu, comm.local_rank)
     coarse = spherical_kmeans(emb, k1, niter=niter, seed=seed, sample=sample, progress=progress,
                               comm=comm, backend=backend)
-    sizes = np.bincount(coarse.assignment, minlength=k1)
+    coarse_of, coarse_iterations = coarse.assignment, coarse.n_iter
+    del coarse  # the per-sample arrays are the memory that grows with N: hold only what is used
+    sizes = np.bincount(coarse_of, minlength=k1)
     cells = np.minimum(sizes, np.maximum(1, np.rint(k * sizes / emb.n))).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(cells)])
     # what another rank computes holds max's identity until the reductions fill it in
@@ -303,7 +305,9 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
     owner = owners(sizes.astype(np.float64) * cells, comm.world_size)  # Lloyd cost ~ M_c k_c
     mine = (owner == comm.rank) & (sizes > 0)
     # this rank's coarse cells' rows, each cell's in row order
-    index = cluster_index(coarse.assignment, None, k1, rows=np.flatnonzero(mine[coarse.assignment]))
+    index = cluster_index(coarse_of, None, k1,
+                          rows=None if (mine | (sizes == 0)).all() else np.flatnonzero(mine[coarse_of]))
+    del coarse_of
     whole = memory_bytes // (4 * 4 * emb.d)  # coarse cells of up to this many rows are held
     with sort_rows(emb, index.order, memory_bytes, scratch_dir, progress) as grouped:
         for c in tqdm(np.flatnonzero(mine), disable=not progress, desc="cells",
@@ -321,4 +325,4 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
             if visit is not None:
                 visit(members, held, assignment[members], fine.similarity)
     return KMeansResult(comm.reduce_max(centroids), comm.reduce_max(assignment),
-                        comm.reduce_max(similarity), coarse.n_iter)
+                        comm.reduce_max(similarity), coarse_iterations)
