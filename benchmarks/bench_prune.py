@@ -7,9 +7,12 @@ Pipeline measured for both: SemDeDup (eps fixed, so removals are comparable) the
 (k = 500, keep --keep of the survivors). Each side runs in its own process so that peak RSS
 (ru_maxrss) is its own.
 
-- ours: ``dbp_lightning.pruning`` as ``prune`` runs it: two dedup partitions (k-means on a
-  sample for few iterations, different seeds), a cluster-sorted index, block-wise similarities, DBP k-means stopping at
-  convergence (tol), exact quotas.
+- ours: ``dbp_lightning.pruning``'s building blocks as ``prune`` runs them: two dedup
+  partitions (``partition_kmeans``: k-means on a sample for few iterations, different seeds, in
+  two levels above 1,024 cells) of as many cells as the baseline's, SemDeDup on rows sorted by
+  cell (``duplicate_similarity``: one sort per partition, exact similarities), DBP k-means
+  stopping at convergence (tol), exact quotas. (``prune`` itself fuses the partition's and
+  SemDeDup's sorts: ``semdedup_passes``.)
 - baseline: the paper's / SemDeDup's public recipe: faiss spherical k-means, 100 iterations,
   ~3,000 clusters for dedup and k = 500 for DBP (faiss's default training subsample of 256
   points per centroid, as their code gets it), a per-cluster scan of the whole assignment
@@ -52,6 +55,7 @@ def worker_ours(store_path: str, out: str, keep: float, dedup_k: int, dedup_nite
                 passes: int, backend: str = "faiss") -> dict:
     from dbp_lightning.pruning import (cluster_complexity, dbp_quotas, dbp_select,
                                        duplicate_similarity, spherical_kmeans)
+    from dbp_lightning.pruning.kmeans import partition_kmeans
     from dbp_lightning.pruning.embeddings import as_embeddings
     from dbp_lightning.store import EmbeddingStore
 
@@ -59,7 +63,7 @@ def worker_ours(store_path: str, out: str, keep: float, dedup_k: int, dedup_nite
     emb = as_embeddings(EmbeddingStore(store_path).embeddings)
     stages["load+validate"] = (time.perf_counter() - t, rss_mb())
     t = time.perf_counter()
-    parts = [spherical_kmeans(emb, dedup_k, niter=dedup_niter, seed=p, backend=backend)
+    parts = [partition_kmeans(emb, dedup_k, niter=dedup_niter, seed=p, backend=backend)
              for p in range(passes)]
     stages["dedup k-means"] = (time.perf_counter() - t, rss_mb())
     t = time.perf_counter()
@@ -205,7 +209,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--keep", type=float, default=0.6, help="DBP keeps this fraction of the dedup survivors")
-    ap.add_argument("--dedup-k", type=int, default=1000, help="ours: dedup partition size")
+    ap.add_argument("--dedup-k", type=int, default=None,
+                    help="ours: dedup cells (default: --dedup-k-baseline, cells of the same size)")
     ap.add_argument("--dedup-niter", type=int, default=10, help="ours: dedup k-means iterations")
     ap.add_argument("--dedup-passes", type=int, default=2, help="ours: dedup partitions (seeds)")
     ap.add_argument("--dedup-k-baseline", type=int, default=3000)
@@ -216,6 +221,7 @@ def main() -> None:
                     help="torch: also run ours on the PyTorch backend (CPU here) beside faiss")
     ap.add_argument("--worker", choices=["ours", "ours-torch", "baseline"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.dedup_k = args.dedup_k or args.dedup_k_baseline
     if args.quotas_only:
         print_quota_table(args.repeats)
         return

@@ -71,7 +71,9 @@ def _check_against_data(config: PruneConfig, n: int, metadata: pa.Table) -> None
             raise ValueError(f"metadata: {metadata.column(name).null_count} rows have no {name}")
     name = id_column(metadata.column_names)
     ids = metadata.column(name)
-    if pc.count_distinct(ids).as_py() != len(ids):  # Arrow's hash table: no Python strings
+    distinct = pc.count_distinct(ids).as_py()  # Arrow's hash table: no Python strings
+    pa.default_memory_pool().release_unused()  # the table's pages, or Arrow's allocator keeps them
+    if distinct != len(ids):
         counts = pc.value_counts(ids)
         top = pc.index(counts.field("counts"), pc.max(counts.field("counts")))
         dup = counts[top.as_py()]
@@ -140,9 +142,10 @@ def _prune(x, config: PruneConfig, metadata: pa.Table | None, progress: bool, co
     log.debug("k-means and similarity blocks: %s", backend.describe())
 
     # Arrow columns, never NumPy object arrays: 10^7 keys as Python strings would take GBs
-    cols: dict = {"key": metadata.column("key").combine_chunks()}
+    # as read (chunked): a combined copy would be ~50 more bytes a sample of ids held throughout
+    cols: dict = {"key": metadata.column("key")}
     if "uid" in metadata.column_names:
-        cols["uid"] = metadata.column("uid").combine_chunks()
+        cols["uid"] = metadata.column("uid")
     alive = np.ones(n, bool)
     stages, clusters = [], None
 
@@ -174,8 +177,7 @@ def _prune(x, config: PruneConfig, metadata: pa.Table | None, progress: bool, co
         cols["dup_sim"] = dup_sim
         # the identity, not the row, so the column still means something in a filtered selection
         ids = cols[id_column(cols)]
-        cols["dup_of"] = pc.if_else(pa.array(partner < 0), pa.scalar(None, ids.type),
-                                    ids.take(np.maximum(partner, 0)))
+        cols["dup_of"] = ids.take(pa.array(np.maximum(partner, 0), mask=partner < 0))  # null: none
         cols["dedup_kept"] = dup_sim <= threshold
         alive &= cols["dedup_kept"]
         record("semdedup", t0, n, eps=round(1.0 - threshold, 6), k=d.k,

@@ -167,6 +167,7 @@ def sort_rows(emb: Embeddings, order: np.ndarray, memory_bytes: int = DEFAULT_ME
             hi = min(lo + bucket, m)
             block = out.raw(lo, hi)
             _pwrite(fd, block[_inverse(order[lo:hi])], lo * row_bytes)
+            del block  # two buckets at most are alive: this one and its permuted copy
     except OSError as exc:
         out.close()
         if exc.errno == errno.ENOSPC:  # a file system that could not reserve the space up front
@@ -211,6 +212,7 @@ def _scatter(emb: Embeddings, order: np.ndarray, bucket: int, fd: int, row_bytes
                 b = int(ids[lo])
                 _pwrite(fd, block[lo:hi], (b * bucket + int(filled[b])) * row_bytes)
                 filled[b] += hi - lo
+            del block  # before the next block is read: two blocks at most are alive
 
 
 def _reserve(fd: int, nbytes: int, directory: str) -> None:

@@ -183,8 +183,8 @@ def group_duplicates(emb, members: np.ndarray, rows, cells: np.ndarray, key: np.
         emb: the pool's :class:`~.embeddings.Embeddings` (for reading ``rows`` in blocks).
         members: int64 (M,) the group's rows, increasing.
         rows: their float32 (M, d) rows: an array, or a :class:`~.scratch.RowRange` too large
-            to hold (then each cell is gathered from it, and one too large itself is sorted
-            into rank order on scratch).
+            to hold (then the group is sorted once more, into cell and rank order, so that each
+            cell is one contiguous read).
         cells: int (M,) each member's cell; key: float (M,) its ranking key (least first).
         block_size, backend, memory_bytes, scratch_dir: as :func:`duplicate_similarity`.
 
@@ -195,19 +195,27 @@ def group_duplicates(emb, members: np.ndarray, rows, cells: np.ndarray, key: np.
     block_size, not_before, whole = _blocks(block_size, memory_bytes, emb.d)
     local = np.lexsort((key, cells))  # cell, then key, then row (members increase)
     cuts = np.flatnonzero(np.diff(cells[local])) + 1
+    starts, stops = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(local)]])
+    several = stops - starts > 1
     sims = np.full(len(members), -np.inf, np.float32)
     partner = np.full(len(members), -1, np.int64)
-    for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(local)]])):
-        if hi - lo < 2:
-            continue
-        pos = local[lo:hi]
-        if isinstance(rows, np.ndarray) or hi - lo <= whole:
+    if isinstance(rows, np.ndarray):
+        for lo, hi in zip(starts[several], stops[several]):
+            pos = local[lo:hi]
             sims[pos], partner[pos] = _cell_duplicates(rows[pos], members[pos], block_size,
                                                        not_before, backend)
-            continue
-        with sort_rows(emb.over(rows), pos, memory_bytes, scratch_dir) as ranked:
-            sims[pos], partner[pos] = _cell_duplicates(ranked.range(0, hi - lo), members[pos],
-                                                       block_size, not_before, backend)
+        return sims, partner
+    # too large to hold: one more sort, of this group's rows into cell and rank order
+    ranked_pos = np.concatenate([local[lo:hi] for lo, hi in zip(starts[several], stops[several])]
+                                or [np.zeros(0, np.int64)])
+    with sort_rows(emb.over(rows), ranked_pos, memory_bytes, scratch_dir) as ranked:
+        at = 0
+        for lo, hi in zip(starts[several], stops[several]):
+            pos, cell = local[lo:hi], ranked.range(at, at + hi - lo)
+            at += hi - lo
+            xc = cell.load() if hi - lo <= whole else cell  # else read block by block
+            sims[pos], partner[pos] = _cell_duplicates(xc, members[pos], block_size,
+                                                       not_before, backend)
     return sims, partner
 
 
