@@ -110,7 +110,7 @@ class PruneConfig:
     is the same bytes on any"""
     memory_gb: float = 1.0
     """working memory of the out-of-core stages, GiB: sort buffers, the cells held at once and
-    similarity blocks are sized from it; the per-sample arrays (about 130 bytes a sample) come on
+    similarity blocks are sized from it; the per-sample arrays (about 170 bytes a sample) come on
     top, and the pool's own pages are the page cache's, not counted here"""
     scratch_dir: Optional[str] = None
     """where SemDeDup writes the pool's rows sorted by cell (its stored size, e.g. 5.1 GB for

@@ -21,13 +21,15 @@ and still misses them.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from tqdm.auto import tqdm
 
 from .backend import Backend, resolve_backend, torch_earlier_top2
 from .collective import Local, owners
 from .embeddings import as_embeddings
-from . import exact
+from . import exact, kmeans
 from .exact import SLACK, dot_bound, exact_argmax, first_twin, max_norm, row_sims, top2_update
 from .groups import cluster_index
 from .scratch import DEFAULT_MEMORY_BYTES, sort_rows
@@ -137,8 +139,6 @@ def semdedup_passes(x, k: int, passes: int = 2, niter: int = 10, seed: int = 0,
         similarity, int64 (N,) partner row), as :func:`duplicate_similarity` with
         ``return_partner``.
     """
-    from . import kmeans
-
     emb = as_embeddings(x)
     comm = comm or Local()
     backend = resolve_backend(backend, "auto", comm.local_rank)
@@ -224,8 +224,15 @@ def _blocks(block_size: int, memory_bytes: int, d: int) -> tuple[int, np.ndarray
     block's mask ([j, i]: i not ranked before j), and the most rows of a cell held whole (its
     float32 rows in a quarter of the budget)."""
     block_size = min(block_size, similarity_block_rows(memory_bytes))
-    return (block_size, np.triu(np.ones((block_size, block_size), bool)),
-            int(memory_bytes // (4 * 4 * d)))
+    return block_size, _not_before(block_size), int(memory_bytes // (4 * 4 * d))
+
+
+@functools.lru_cache(maxsize=4)
+def _not_before(block_size: int) -> np.ndarray:
+    """bool (block_size, block_size), read-only, made once: [j, i] where i >= j."""
+    mask = np.triu(np.ones((block_size, block_size), bool))
+    mask.flags.writeable = False
+    return mask
 
 
 def _cell_duplicates(xc, rows: np.ndarray, block_size: int, not_before: np.ndarray,
