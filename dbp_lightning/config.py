@@ -7,6 +7,7 @@ pipeline checks the rest (k and targets against the pool size) before any work s
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -139,7 +140,8 @@ class PruneConfig:
                "stages: at most one of dbp, ssp, random")
         _check(self.gpu in ("auto", "true", "false", True, False), "gpu: auto, true or false")
         _check(self.backend in ("auto", "faiss", "torch"), f"backend: auto, faiss or torch, got {self.backend!r}")
-        _check(self.memory_gb > 0, f"memory_gb must be > 0, got {self.memory_gb}")
+        _check(math.isfinite(self.memory_gb) and self.memory_gb > 0,
+               f"memory_gb must be a finite number > 0, got {self.memory_gb}")
         if "semdedup" in self.stages:
             d = self.semdedup
             _check((d.eps is None) != (d.target_fraction is None),

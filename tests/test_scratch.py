@@ -68,6 +68,13 @@ def test_sorted_rows_read_back_as_a_gather_would(rng, tmp_path, memory_rows):
         np.testing.assert_array_equal(part[5:90], expected[22:107])
         np.testing.assert_array_equal(part[np.array([3, 0, 182, 3])], expected[[20, 17, 199, 20]])
         np.testing.assert_array_equal(part[4], expected[21])
+        np.testing.assert_array_equal(part[-1], expected[199])  # as NumPy reads it
+        assert part[5:2].shape == (0, x.shape[1]) and rows.range(3, 3).load().shape == (0, x.shape[1])
+        for bad in (183, -184):
+            with pytest.raises(IndexError, match="out of range for 183 rows"):
+                part[np.array([0, bad])]
+        with pytest.raises(IndexError, match="1-D integer array"):
+            part[np.ones(183, bool)]
     assert scratch_fds(tmp_path) == []
 
 
@@ -196,8 +203,9 @@ def test_a_disk_without_room_is_refused_before_any_stage(stored_pool, tmp_path, 
     with pytest.raises(ValueError, match="scratch_dir .*nope: not a directory"):
         prune(EmbeddingStore(stored_pool), two_level_config(memory_gb=2**-16,
                                                             scratch_dir=str(tmp_path / "nope")))
-    with pytest.raises(ValueError, match="memory_gb must be > 0"):
-        two_level_config(memory_gb=0).validate()
+    for bad in (0, float("inf")):
+        with pytest.raises(ValueError, match="memory_gb must be a finite number > 0"):
+            two_level_config(memory_gb=bad).validate()
 
 
 def test_sigkill_during_the_sort_leaves_no_scratch_and_a_rerun_gives_the_same_bytes(

@@ -169,10 +169,12 @@ def _first_twin_hashed(x) -> np.ndarray:
     n = len(x)
     # a fixed random odd multiplier per 32-bit word: sums of products modulo 2**64
     mult = np.random.default_rng(0).integers(1, 2**63, x.shape[1], dtype=np.uint64) * 2 + 1
-    h = np.empty(n, np.uint64)
-    for s in range(0, n, _BLOCK):
-        words = np.ascontiguousarray(x[s : s + _BLOCK], np.float32).view(np.uint32)
-        h[s : s + len(words)] = (words.astype(np.uint64) * mult).sum(axis=1, dtype=np.uint64)
+    h = np.zeros(n, np.uint64)
+    step = max(1, _BLOCK * 64 // x.shape[1])  # ~16 MiB of float32 rows per read
+    for s in range(0, n, step):
+        words = np.ascontiguousarray(x[s : s + step], np.float32).view(np.uint32)
+        for j in range(words.shape[1]):  # column by column: no (rows x d) uint64 temporaries
+            h[s : s + len(words)] += words[:, j].astype(np.uint64) * mult[j]
     twin = np.arange(n, dtype=np.int64)
     order = np.argsort(h, kind="stable")  # equal hashes in row order
     starts = np.concatenate([[0], np.flatnonzero(np.diff(h[order])) + 1])

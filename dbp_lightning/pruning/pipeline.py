@@ -162,8 +162,9 @@ def _prune(x, config: PruneConfig, metadata: pa.Table | None, progress: bool, co
     if "semdedup" in config.stages:  # the rows sorted by cell, on disk unless they fit in memory
         scratch = scratch_bytes(n, emb.d, emb.x.dtype)
         scratch = scratch if 4 * scratch > memory else 0
+        # checked even when the pool fits: a coarse cell too large for the budget still sorts
+        where = check_scratch(config.scratch_dir, scratch)
         if scratch:
-            where = check_scratch(config.scratch_dir, scratch)
             log.info("semdedup sorts the pool by cell: %.2f GB in %s", scratch / 1e9, where)
 
     if "semdedup" in config.stages:

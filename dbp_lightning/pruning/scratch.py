@@ -47,6 +47,11 @@ def check_scratch(directory: str | os.PathLike | None, nbytes: int) -> str:
     directory = str(directory) if directory else tempfile.gettempdir()
     if not os.path.isdir(directory):
         raise ValueError(f"scratch_dir {directory}: not a directory")
+    try:
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as exc:
+        raise ValueError(f"scratch_dir {directory}: cannot write there ({exc.strerror}); set "
+                         "scratch_dir to a writable directory") from None
     free = shutil.disk_usage(directory).free
     if free < nbytes:
         raise ValueError(f"scratch_dir {directory}: the sorted rows need {_size(nbytes)} and "
@@ -77,11 +82,13 @@ class SortedRows:
         return self._fd is not None
 
     def raw(self, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` as stored (raw dtype), a new array."""
+        """Rows ``start:stop`` (0 <= start <= stop <= n) as stored (raw dtype): a new array from
+        disk, a read-only view when held in memory."""
         if self._memory is not None:
             return self._memory[start:stop]
         out = np.empty((stop - start, self.d), self.raw_dtype)
-        _pread(self._fd, out, start * self.row_bytes)
+        if out.size:
+            _pread(self._fd, out, start * self.row_bytes)
         return out
 
     def range(self, start: int, stop: int) -> "RowRange":
@@ -119,20 +126,26 @@ class RowRange:
         return self[:]
 
     def __getitem__(self, item):
+        """A slice (step 1), an integer, or a 1-D integer array of rows, as NumPy reads them
+        (negative from the end); float32 rows, always a new array."""
         finish = self.rows.emb._finish
         if isinstance(item, slice):
             a, b, step = item.indices(len(self))
             if step != 1:
                 raise IndexError("RowRange slices must have step 1")
-            return finish(self.rows.raw(self.start + a, self.start + max(a, b)))
-        if np.ndim(item) == 0:
-            i = int(item)
-            return finish(self.rows.raw(self.start + i, self.start + i + 1))[0]
-        index = np.asarray(item, np.int64)
-        out = np.empty((len(index), self.rows.d), self.rows.raw_dtype)
-        for j, i in enumerate(index):
-            out[j] = self.rows.raw(self.start + int(i), self.start + int(i) + 1)[0]
-        return finish(out)
+            return np.array(finish(self.rows.raw(self.start + a, self.start + max(a, b))))
+        index = np.asarray(item)
+        if index.ndim > 1 or (index.size and index.dtype.kind not in "iu"):
+            raise IndexError("RowRange takes a slice, an integer or a 1-D integer array of rows")
+        index = index.astype(np.int64)
+        if index.size and (index.min() < -len(self) or index.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        index = np.where(index < 0, index + len(self), index) + self.start
+        rows = np.empty((index.size, self.rows.d), self.rows.raw_dtype)
+        for j, i in enumerate(index.reshape(-1)):
+            rows[j] = self.rows.raw(int(i), int(i) + 1)[0]
+        rows = np.array(finish(rows))
+        return rows[0] if index.ndim == 0 else rows
 
 
 def sort_rows(emb: Embeddings, order: np.ndarray, memory_bytes: int = DEFAULT_MEMORY_BYTES,
@@ -216,6 +229,8 @@ def _scatter(emb: Embeddings, order: np.ndarray, bucket: int, fd: int, row_bytes
 
 
 def _reserve(fd: int, nbytes: int, directory: str) -> None:
+    if not hasattr(os, "posix_fallocate"):  # macOS: writes still fail cleanly on ENOSPC
+        return
     try:
         os.posix_fallocate(fd, 0, nbytes)
     except OSError as exc:

@@ -85,8 +85,9 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
         return (out, partner) if return_partner else out
     if len(assignment) != emb.n:
         raise ValueError(f"assignment has {len(assignment)} rows, embeddings have {emb.n}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if block_size < 1 or memory_bytes < 1:
+        raise ValueError(f"block_size and memory_bytes must be >= 1, got {block_size} and "
+                         f"{memory_bytes}")
     if assignment.size and assignment.min() < 0:
         raise ValueError("assignment has negative cluster ids")
     comm = comm or Local()
@@ -139,6 +140,9 @@ def semdedup_passes(x, k: int, passes: int = 2, niter: int = 10, seed: int = 0,
         similarity, int64 (N,) partner row), as :func:`duplicate_similarity` with
         ``return_partner``.
     """
+    if passes < 1 or block_size < 1 or memory_bytes < 1:
+        raise ValueError(f"passes, block_size and memory_bytes must be >= 1, got {passes}, "
+                         f"{block_size} and {memory_bytes}")
     emb = as_embeddings(x)
     comm = comm or Local()
     backend = resolve_backend(backend, "auto", comm.local_rank)
