@@ -78,6 +78,15 @@ def test_sorted_rows_read_back_as_a_gather_would(rng, tmp_path, memory_rows):
     assert scratch_fds(tmp_path) == []
 
 
+def test_rows_read_are_the_callers_to_write_to(rng):
+    x = unit_rows(rng, 50, 4)  # float32, unit norm: reads need no conversion, views are possible
+    with scratch.sort_rows(Embeddings(x), np.arange(50)[::-1].copy(), 1 << 30) as rows:
+        assert not rows.on_disk
+        rows.range(0, 10).load()[:] = 7.0
+        rows.range(0, 10)[np.array([2])][:] = 7.0
+        np.testing.assert_array_equal(rows.range(0, 50).load(), x[::-1])
+
+
 def test_out_of_core_duplicate_similarity_is_the_same_bytes(rng, tmp_path):
     x = pool_with_copies(rng, n=1500, d=8, float16=False)
     x /= np.linalg.norm(x, axis=1, keepdims=True)

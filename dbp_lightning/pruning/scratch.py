@@ -133,7 +133,7 @@ class RowRange:
             a, b, step = item.indices(len(self))
             if step != 1:
                 raise IndexError("RowRange slices must have step 1")
-            return np.array(finish(self.rows.raw(self.start + a, self.start + max(a, b))))
+            return self._own(finish(self.rows.raw(self.start + a, self.start + max(a, b))))
         index = np.asarray(item)
         if index.ndim > 1 or (index.size and index.dtype.kind not in "iu"):
             raise IndexError("RowRange takes a slice, an integer or a 1-D integer array of rows")
@@ -144,8 +144,14 @@ class RowRange:
         rows = np.empty((index.size, self.rows.d), self.rows.raw_dtype)
         for j, i in enumerate(index.reshape(-1)):
             rows[j] = self.rows.raw(int(i), int(i) + 1)[0]
-        rows = np.array(finish(rows))
+        rows = finish(rows)  # ``rows`` was filled here: what comes back is the caller's
         return rows[0] if index.ndim == 0 else rows
+
+    def _own(self, block: np.ndarray) -> np.ndarray:
+        """``block``, copied only when it is a view of rows held in memory (float32 rows that
+        need no normalising): a caller may write to what it gets."""
+        held = self.rows._memory
+        return block.copy() if held is not None and np.may_share_memory(block, held) else block
 
 
 def sort_rows(emb: Embeddings, order: np.ndarray, memory_bytes: int = DEFAULT_MEMORY_BYTES,
