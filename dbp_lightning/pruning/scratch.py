@@ -83,7 +83,7 @@ class SortedRows:
 
     def raw(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` (0 <= start <= stop <= n) as stored (raw dtype): a new array from
-        disk, a read-only view when held in memory."""
+        disk, a view when held in memory (read them through :class:`RowRange`, which copies)."""
         if self._memory is not None:
             return self._memory[start:stop]
         out = np.empty((stop - start, self.d), self.raw_dtype)
