@@ -75,13 +75,11 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
     """
     emb = as_embeddings(x)
     if not isinstance(assignment, np.ndarray) or assignment.ndim == 2:
-        per_part = [duplicate_similarity(emb, a, sim_to_centroid, block_size, progress, True, comm,
-                                         backend, memory_bytes, scratch_dir) for a in assignment]
-        sims = np.stack([s for s, _ in per_part])
-        best = sims.argmax(axis=0)  # first partition on ties
-        cols = np.arange(sims.shape[1])
-        out = sims[best, cols]
-        partner = np.stack([p for _, p in per_part])[best, cols]
+        out = partner = None
+        for a in assignment:
+            out, partner = _keep_max(out, partner, *duplicate_similarity(
+                emb, a, sim_to_centroid, block_size, progress, True, comm, backend, memory_bytes,
+                scratch_dir))
         return (out, partner) if return_partner else out
     if len(assignment) != emb.n:
         raise ValueError(f"assignment has {len(assignment)} rows, embeddings have {emb.n}")
@@ -169,12 +167,18 @@ def semdedup_passes(x, k: int, passes: int = 2, niter: int = 10, seed: int = 0,
             found, found_partner = duplicate_similarity(
                 emb, part.assignment, first.similarity, block_size, progress, True, comm,
                 backend, memory_bytes, scratch_dir)
-        if best is None:
-            best, partner = found, found_partner
-        else:  # the first partition giving the maximum keeps it
-            better = found > best
-            best[better], partner[better] = found[better], found_partner[better]
+        best, partner = _keep_max(best, partner, found, found_partner)
     return first, best, partner
+
+
+def _keep_max(best, partner, found: np.ndarray, found_partner: np.ndarray):
+    """Fold one partition's similarities and partners into the running maximum (in place);
+    the first partition giving the maximum keeps it."""
+    if best is None:
+        return found, found_partner
+    better = found > best
+    best[better], partner[better] = found[better], found_partner[better]
+    return best, partner
 
 
 def group_duplicates(emb, members: np.ndarray, rows, cells: np.ndarray, key: np.ndarray,
