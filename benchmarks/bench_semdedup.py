@@ -1,0 +1,100 @@
+"""Where one SemDeDup partition's time goes, and what the thread defaults are worth.
+
+On a bench_scale store (``benchmarks/bench_scale.py`` writes them), times
+``semdedup_passes(passes=1)``, the pipeline's SemDeDup for one partition, in a fresh process:
+
+- with the thread defaults ``import dbp_lightning`` sets (idle OpenMP and OpenBLAS threads sleep),
+  and with both pools' idle threads spinning (``OMP_WAIT_POLICY=ACTIVE``,
+  ``OPENBLAS_THREAD_TIMEOUT=30``), each the median of ``--repeats``;
+- once under cProfile, its time split into the named parts of the README's list.
+
+    python benchmarks/bench_semdedup.py --n 3000000   # the README's figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+#: cProfile function names (internal time) -> the part of the README's list they belong to
+PARTS = {"gemm32": "intra-cell matrix products", "IndexFlat_search": "faiss searches",
+         "_scatter": "the sort", "sort_rows": "the sort", "pwrite": "the sort",
+         "preadv": "the sort", "_range": "the sort", "ascontiguousarray": "float16 -> float32",
+         "c_einsum": "float64 row products and norms"}
+
+
+def child(store: str, profile: bool) -> None:
+    import time
+
+    from dbp_lightning.pruning.embeddings import as_embeddings
+    from dbp_lightning.pruning.semdedup import semdedup_passes
+    from dbp_lightning.store import EmbeddingStore
+
+    emb = as_embeddings(EmbeddingStore(store).embeddings)
+    k = emb.n // 1000
+    if not profile:
+        t = time.perf_counter()
+        semdedup_passes(emb, k, passes=1)
+        print(json.dumps({"seconds": time.perf_counter() - t}))
+        return
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    semdedup_passes(emb, k, passes=1)
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    parts, total = {}, max(v[3] for v in stats.values())
+    for (_, _, name), (_, _, tottime, _, _) in stats.items():
+        part = next((p for key, p in PARTS.items() if key in name), None)
+        if part:
+            parts[part] = parts.get(part, 0.0) + tottime
+    parts["everything else (per-cell NumPy work, Python)"] = total - sum(parts.values())
+    print(json.dumps({"total": total, "parts": parts}))
+
+
+def run(store: str, env: dict, profile: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--child", store] + (["--profile"] if profile else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+    if out.returncode:
+        sys.exit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=3_000_000)
+    ap.add_argument("--workdir", default="/tmp/bench_scale")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, args.profile)
+    store = f"{args.workdir}/pool_{args.n}"
+    if not os.path.isfile(f"{store}/manifest.json"):
+        sys.exit(f"no store {store}: run benchmarks/bench_scale.py --sizes {args.n} first")
+    spinning = {"OMP_WAIT_POLICY": "ACTIVE", "OPENBLAS_THREAD_TIMEOUT": "30"}
+    times = {"defaults (idle threads sleep)": [], "idle threads spin": []}
+    for _ in range(args.repeats):  # alternating, so that drift hits both
+        times["defaults (idle threads sleep)"].append(run(store, {})["seconds"])
+        times["idle threads spin"].append(run(store, spinning)["seconds"])
+    print(f"one SemDeDup partition (semdedup_passes, passes=1) on {store}, median of {args.repeats}\n")
+    print("| threads | seconds | runs |\n|---|---:|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {np.median(ts):.1f} | {', '.join(f'{t:.1f}' for t in ts)} |")
+    prof = run(store, {}, profile=True)
+    print(f"\nunder cProfile ({prof['total']:.1f} s, internal time per part)\n")
+    print("| part | seconds |\n|---|---:|")
+    for part, sec in sorted(prof["parts"].items(), key=lambda kv: -kv[1]):
+        print(f"| {part} | {sec:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
