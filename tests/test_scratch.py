@@ -246,3 +246,30 @@ def test_sigkill_during_the_sort_leaves_no_scratch_and_a_rerun_gives_the_same_by
     assert pq.read_table(out / "selection.parquet").equals(
         pq.read_table(tmp_path / "held" / "selection.parquet"))
     assert os.listdir(scratch_dir) == []
+
+
+def test_float16_widening_is_numpy_s_bit_for_bit(tmp_path):
+    """Large float16 blocks are widened by torch (faster); every value is NumPy's bit for bit
+    (infinities, zeros and subnormals included; NaNs stay NaN, their payloads may differ, and
+    validation refuses them anyway), and a read-only memmap is read without a warning."""
+    import warnings
+
+    from dbp_lightning.pruning import embeddings as module
+
+    bits = np.arange(1 << 16, dtype=np.uint16)          # every float16, twice over, as (n, d)
+    block = np.concatenate([bits, bits[::-1]]).view(np.float16).reshape(-1, 64)
+    assert block.size >= module._TORCH_WIDEN_MIN // 8
+    path = tmp_path / "x.npy"
+    np.save(path, np.tile(block, (8, 1)))
+    mapped = np.load(path, mmap_mode="r")
+    assert mapped.size >= module._TORCH_WIDEN_MIN
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wide = module.as_float32(mapped)
+    assert wide.dtype == np.float32 and wide.flags.c_contiguous
+    expected = np.asarray(mapped, np.float32)
+    nan = np.isnan(expected)
+    assert nan.any() and np.array_equal(np.isnan(wide), nan)
+    np.testing.assert_array_equal(wide[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+    small = module.as_float32(block[:4])                 # below the threshold: NumPy's own
+    np.testing.assert_array_equal(small.view(np.uint32), block[:4].astype(np.float32).view(np.uint32))

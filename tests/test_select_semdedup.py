@@ -1,3 +1,5 @@
+import importlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -166,3 +168,28 @@ def test_partner_is_an_earlier_member_of_a_shared_cluster_giving_the_max(n, part
     np.testing.assert_array_equal(duplicate_similarity(x, partitions[0], key, block_size=block),
                                   duplicate_similarity(x, partitions[0], key, block_size=block,
                                                        return_partner=True)[0])
+
+
+@pytest.mark.parametrize("block", [4096, 600, 300, 100])
+def test_banded_cells_give_the_partners_of_whole_blocks(rng, block, monkeypatch):
+    """Cells of ~700 rows held in memory are compared band by band over the lower triangle
+    (bands of BAND_ROWS rows, several inside one column block when block > BAND_ROWS): the
+    same similarities and partners as whole square blocks, exact copies (tied maxima) included."""
+    module = importlib.import_module("dbp_lightning.pruning.semdedup")  # not the function
+
+    x = unit_rows(rng, 1400, 8)
+    x[1000:] = x[:400]                                  # exact copies: ties the earliest must win
+    assignment = rng.permutation(np.repeat([0, 1], 700))
+    key = rng.uniform(0, 1, 1400)
+    banded = duplicate_similarity(x, assignment, key, block_size=block, return_partner=True)
+    monkeypatch.setattr(module, "BAND_ROWS", 1 << 30)  # one band per block: square blocks
+    square = duplicate_similarity(x, assignment, key, block_size=block, return_partner=True)
+    np.testing.assert_array_equal(banded[0], square[0])
+    np.testing.assert_array_equal(banded[1], square[1])
+    np.testing.assert_allclose(banded[0], brute_duplicate_similarity(x, assignment, key), atol=1e-5)
+    rank = np.empty(1400, int)
+    rank[np.lexsort((key,))] = np.arange(1400)
+    # a copy ranked after its original in the same cell has it (or an earlier twin) as partner
+    copied = np.flatnonzero((rank[1000:] > rank[:400]) & (assignment[1000:] == assignment[:400]))
+    assert copied.size > 50
+    assert (banded[0][1000 + copied] >= np.float32(1 - 1e-6)).all()
