@@ -52,6 +52,52 @@ def pool_with_copies(rng, n=3000, d=16, float16=True):
     return x.astype(np.float16 if float16 else np.float32)
 
 
+@pytest.mark.parametrize("memory_rows", [9, 64, 10**6])
+def test_rows_grouped_in_the_assignment_pass_read_back_as_a_gather_would(rng, tmp_path,
+                                                                         memory_rows):
+    """group_rows: cells found block by block, rows written in per-cell pieces (9 rows over 7
+    cells: one-row pieces; 64: several pieces a cell), read back in cluster_index order,
+    ranges across piece boundaries included; an empty cell is an empty range."""
+    from dbp_lightning.pruning.groups import cluster_index
+
+    x = pool_with_copies(rng, n=500)
+    with pytest.warns(UserWarning, match="not L2-normalised"):
+        emb = Embeddings(x, block_size=37)
+    centres = unit_rows(rng, 7, x.shape[1])
+    seen = []
+
+    def cells_of(rows):
+        seen.append(rows.copy())
+        ids = (rows @ centres.T).argmax(axis=1)
+        return np.where(ids == 6, 5, ids)  # cell 6 stays empty
+
+    memory = 4 * memory_rows * x.shape[1] * x.itemsize
+    cells, rows = scratch.group_rows(emb, cells_of, 7, memory, tmp_path)
+    with rows:
+        np.testing.assert_array_equal(np.concatenate(seen), emb.rows(0, 500))  # float32, normalised
+        assert rows.on_disk == (memory_rows < 500) and os.listdir(tmp_path) == []
+        index = cluster_index(cells, None, 7)
+        assert index.sizes[6] == 0
+        expected = emb.take(index.order)
+        np.testing.assert_array_equal(rows.range(0, 500).load(), expected)
+        for lo, hi in [(0, 1), (3, 250), (index.starts[2], index.starts[4]), (499, 500)]:
+            np.testing.assert_array_equal(rows.range(lo, hi).load(), expected[lo:hi])
+        np.testing.assert_array_equal(rows.range(5, 400)[np.array([394, 0, 7])], expected[[399, 5, 12]])
+        assert rows.range(index.starts[6], index.starts[7]).load().shape == (0, x.shape[1])
+    assert scratch_fds(tmp_path) == []
+
+    def fails(rows):
+        if len(seen) > 3:
+            raise RuntimeError("injected")
+        seen.append(rows)
+        return np.zeros(len(rows), np.int64)
+
+    seen.clear()
+    with pytest.raises(RuntimeError, match="injected"):
+        scratch.group_rows(emb, fails, 7, 4 * 9 * x.shape[1] * x.itemsize, tmp_path)
+    assert scratch_fds(tmp_path) == [] and os.listdir(tmp_path) == []  # the failed pass's file
+
+
 @pytest.mark.parametrize("memory_rows", [5, 64, 10**6])
 def test_sorted_rows_read_back_as_a_gather_would(rng, tmp_path, memory_rows):
     x = pool_with_copies(rng, n=500)
@@ -148,30 +194,36 @@ def test_prune_out_of_core_gives_the_selection_bytes_held_in_memory(stored_pool,
     from dbp_lightning.store import EmbeddingStore
 
     monkeypatch.setattr(kmeans, "FLAT_MAX_K", 8)  # k=40: the two-level partition, 7 coarse cells
-    sorts = []
-    real = scratch.sort_rows
+    sorts, groupings = [], []
+    real_sort, real_group = scratch.sort_rows, scratch.group_rows
 
-    def spy(*args, **kwargs):
-        rows = real(*args, **kwargs)
+    def spy_sort(*args, **kwargs):
+        rows = real_sort(*args, **kwargs)
         sorts.append((rows.n, rows.on_disk, len(scratch_fds(tmp_path))))
         return rows
 
-    monkeypatch.setattr(semdedup, "sort_rows", spy)  # imported by name
-    monkeypatch.setattr(scratch, "sort_rows", spy)  # partition_kmeans imports it when it runs
+    def spy_group(*args, **kwargs):
+        cells, rows = real_group(*args, **kwargs)
+        groupings.append((rows.n, rows.on_disk, len(scratch_fds(tmp_path))))
+        return cells, rows
+
+    monkeypatch.setattr(semdedup, "sort_rows", spy_sort)  # imported by name
+    monkeypatch.setattr(scratch, "sort_rows", spy_sort)  # partition_kmeans imports them when it runs
+    monkeypatch.setattr(scratch, "group_rows", spy_group)
     held = prune(EmbeddingStore(stored_pool), two_level_config())
-    # one sort of the pool by coarse cell per partition, held in memory; cells are read from it
-    assert sorts == [(6000, False, 0)] * 2
-    sorts.clear()
+    # the coarse assignment groups the pool by coarse cell once per partition, held in memory;
+    # cells are read from it, nothing else is sorted
+    assert groupings == [(6000, False, 0)] * 2 and sorts == []
+    groupings.clear()
     # 16 KiB: coarse cells (~850 rows) and dedup cells (~150) are far above the 32 rows held
-    # whole: the pool sorted on disk, then each coarse cell's rows sorted on into cell and rank
-    # order (from the first sort), and every dedup cell read from there in tiles
+    # whole: the pool grouped on disk (in pieces of 32 / 7 coarse cells = 4 rows), then each
+    # coarse cell's rows sorted on into cell and rank order, and every dedup cell read from
+    # there in tiles
     small = prune(EmbeddingStore(stored_pool),
                   two_level_config(memory_gb=2**-16, scratch_dir=str(tmp_path)))
-    pool_sorts = [s for s in sorts if s[0] == 6000]
-    assert len(pool_sorts) == 2 and all(on_disk and fds == 1 for _, on_disk, fds in pool_sorts)
-    group_sorts = [s for s in sorts if s[0] < 6000]
-    assert len(group_sorts) == 14  # 7 coarse cells per partition
-    assert all(on_disk and fds == 2 for _, on_disk, fds in group_sorts)
+    assert groupings == [(6000, True, 1)] * 2
+    assert len(sorts) == 14 and all(n < 6000 for n, _, _ in sorts)  # 7 coarse cells a partition
+    assert all(on_disk and fds == 2 for _, on_disk, fds in sorts)
     assert held.selection.equals(small.selection)
     assert held.clusters.equals(small.clusters)
     stage = small.report["stages"][0]

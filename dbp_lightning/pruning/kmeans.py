@@ -4,6 +4,7 @@ of how it summed, and so of the backend."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import NamedTuple
@@ -166,6 +167,19 @@ def spherical_kmeans(x, k: int, niter: int = 100, seed: int = 0, sample: int | N
         :class:`KMeansResult` (centroids, assignment, similarity, n_iter), the same on every rank.
     """
     emb = as_embeddings(x)
+    comm = comm or Local()
+    backend = resolve_backend(backend, gpu, comm.local_rank)
+    centroids, done = _fit(emb, k, niter, seed, sample, backend, tol, progress, comm)
+    assignment, similarity = assign(emb, centroids, progress=progress, comm=comm, backend=backend)
+    log.debug("spherical k-means: k=%d, %d iterations, mean cosine %.4f",
+              k, done, float(similarity.mean(dtype=np.float64)))
+    return KMeansResult(centroids, assignment, similarity, done)
+
+
+def _fit(emb, k: int, niter: int, seed: int, sample: int | None, backend: Backend,
+         tol: float | None, progress: bool, comm) -> tuple[np.ndarray, int]:
+    """:func:`spherical_kmeans`'s arguments checked, then its centroids trained on rank 0 and
+    broadcast: float32 (k, d) and the iterations run, the same on every rank."""
     if not 1 <= k <= emb.n:
         raise ValueError(f"k={k} clusters needs 1 <= k <= N, and N={emb.n} samples")
     if niter < 1:
@@ -175,17 +189,11 @@ def spherical_kmeans(x, k: int, niter: int = 100, seed: int = 0, sample: int | N
     n_train = min(emb.n, 256 * k if sample is None else int(sample))
     if n_train < k:
         raise ValueError(f"sample={sample} is smaller than k={k}: every centroid needs a point")
-    comm = comm or Local()
-    backend = resolve_backend(backend, gpu, comm.local_rank)
     centroids, done = None, None
     if comm.rank == 0:
         centroids, done = _train(emb, k, niter, seed, n_train, backend, tol, progress)
     centroids = comm.broadcast(centroids)
-    done = int(comm.broadcast(None if done is None else np.array([done]))[0])
-    assignment, similarity = assign(emb, centroids, progress=progress, comm=comm, backend=backend)
-    log.debug("spherical k-means: k=%d, %d train rows, %d iterations, mean cosine %.4f",
-             k, n_train, done, float(similarity.mean(dtype=np.float64)))
-    return KMeansResult(centroids, assignment, similarity, done)
+    return centroids, int(comm.broadcast(None if done is None else np.array([done]))[0])
 
 
 def _train(emb, k: int, niter: int, seed: int, n_train: int, backend: Backend,
@@ -285,31 +293,43 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
         return spherical_kmeans(emb, k, niter=niter, seed=seed, sample=sample, gpu=gpu,
                                 progress=progress, comm=comm, backend=backend)
     from .groups import cluster_index
-    from .scratch import DEFAULT_MEMORY_BYTES, sort_rows
+    from .scratch import DEFAULT_MEMORY_BYTES, group_rows, sort_rows
 
     comm = comm or Local()
     memory_bytes = memory_bytes or DEFAULT_MEMORY_BYTES
     k1 = int(np.ceil(np.sqrt(k)))
     backend = resolve_backend(backend, gpu, comm.local_rank)
-    coarse = spherical_kmeans(emb, k1, niter=niter, seed=seed, sample=sample, progress=progress,
-                              comm=comm, backend=backend)
-    coarse_of, coarse_iterations = coarse.assignment, coarse.n_iter
-    del coarse  # the per-sample arrays are the memory that grows with N: hold only what is used
-    sizes = np.bincount(coarse_of, minlength=k1)
-    cells = np.minimum(sizes, np.maximum(1, np.rint(k * sizes / emb.n))).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(cells)])
-    # what another rank computes holds max's identity until the reductions fill it in
-    assignment = np.full(emb.n, -1, np.int64)
-    similarity = np.full(emb.n, -np.inf, np.float32)
-    centroids = np.full((int(offsets[-1]), emb.d), -np.inf, np.float32)
-    owner = owners(sizes.astype(np.float64) * cells, comm.world_size)  # Lloyd cost ~ M_c k_c
-    mine = (owner == comm.rank) & (sizes > 0)
-    # this rank's coarse cells' rows, each cell's in row order
-    index = cluster_index(coarse_of, None, k1,
-                          rows=None if (mine | (sizes == 0)).all() else np.flatnonzero(mine[coarse_of]))
-    del coarse_of
-    whole = memory_bytes // (4 * 4 * emb.d)  # coarse cells of up to this many rows are held
-    with sort_rows(emb, index.order, memory_bytes, scratch_dir, progress) as grouped:
+    grouped = None
+    if comm.world_size == 1:  # one pass over the pool assigns the coarse cells and groups by them
+        centroids, coarse_iterations = _fit(emb, k1, niter, seed, sample, backend, None,
+                                            progress, comm)
+        coarse_of, grouped = group_rows(emb, _Nearest(centroids, backend).nearest, k1,
+                                        memory_bytes, scratch_dir, progress)
+    else:  # each rank assigns a share of the pool, then sorts the rows of its coarse cells
+        coarse = spherical_kmeans(emb, k1, niter=niter, seed=seed, sample=sample,
+                                  progress=progress, comm=comm, backend=backend)
+        coarse_of, coarse_iterations = coarse.assignment, coarse.n_iter
+        del coarse  # the per-sample arrays are the memory that grows with N: hold only what is used
+    with contextlib.ExitStack() as stack:  # the grouped rows' scratch is freed however this ends
+        if grouped is not None:
+            stack.enter_context(grouped)
+        sizes = np.bincount(coarse_of, minlength=k1)
+        cells = np.minimum(sizes, np.maximum(1, np.rint(k * sizes / emb.n))).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(cells)])
+        # what another rank computes holds max's identity until the reductions fill it in
+        assignment = np.full(emb.n, -1, np.int64)
+        similarity = np.full(emb.n, -np.inf, np.float32)
+        centroids = np.full((int(offsets[-1]), emb.d), -np.inf, np.float32)
+        owner = owners(sizes.astype(np.float64) * cells, comm.world_size)  # Lloyd cost ~ M_c k_c
+        mine = (owner == comm.rank) & (sizes > 0)
+        # this rank's coarse cells' rows, each cell's in row order (group_rows' order)
+        index = cluster_index(coarse_of, None, k1, rows=None if (mine | (sizes == 0)).all()
+                              else np.flatnonzero(mine[coarse_of]))
+        del coarse_of
+        if grouped is None:
+            grouped = stack.enter_context(sort_rows(emb, index.order, memory_bytes, scratch_dir,
+                                                    progress))
+        whole = memory_bytes // (4 * 4 * emb.d)  # coarse cells of up to this many rows are held
         for c in tqdm(np.flatnonzero(mine), disable=not progress, desc="cells",
                       unit="coarse cell", leave=False):
             lo, hi = int(index.starts[c]), int(index.starts[c + 1])

@@ -21,6 +21,7 @@ is reserved before the first row is written; a disk without room refuses up fron
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -71,11 +72,14 @@ class SortedRows:
     """
 
     def __init__(self, emb: Embeddings, n: int, memory: np.ndarray | None = None,
-                 fd: int | None = None):
+                 fd: int | None = None, segments: tuple[np.ndarray, np.ndarray] | None = None):
         self.emb, self.n, self.d = emb, n, emb.d
         self.raw_dtype = np.dtype(emb.x.dtype)
         self.row_bytes = self.d * self.raw_dtype.itemsize
         self._memory, self._fd = memory, fd
+        # where the file holds each run of positions: int64 first positions (increasing, from
+        # 0) and their byte offsets; one run unless the rows were written in chunks (group_rows)
+        self._seg_pos, self._seg_at = segments or (np.zeros(1, np.int64), np.zeros(1, np.int64))
 
     @property
     def on_disk(self) -> bool:
@@ -87,8 +91,15 @@ class SortedRows:
         if self._memory is not None:
             return self._memory[start:stop]
         out = np.empty((stop - start, self.d), self.raw_dtype)
-        if out.size:
-            _pread(self._fd, out, start * self.row_bytes)
+        if out.size == 0:
+            return out
+        i = int(np.searchsorted(self._seg_pos, start, side="right")) - 1
+        at = start
+        while at < stop:  # one read per run of positions the file holds in one piece
+            end = stop if i + 1 == len(self._seg_pos) else min(stop, int(self._seg_pos[i + 1]))
+            offset = int(self._seg_at[i]) + (at - int(self._seg_pos[i])) * self.row_bytes
+            _pread(self._fd, out[at - start : end - start], offset)
+            at, i = end, i + 1
         return out
 
     def range(self, start: int, stop: int) -> "RowRange":
@@ -175,29 +186,111 @@ def sort_rows(emb: Embeddings, order: np.ndarray, memory_bytes: int = DEFAULT_ME
     bucket = max(1, int(memory_bytes) // (4 * row_bytes))  # rows per bucket and per pool block
     if m <= bucket:
         return SortedRows(emb, m, memory=np.asarray(emb.x[np.sort(order)])[_inverse(order)])
-    directory = check_scratch(scratch_dir, m * row_bytes)
-    fd, path = tempfile.mkstemp(prefix="dbp-scratch-", suffix=".rows", dir=directory)
-    os.unlink(path)  # freed on close or on death: nothing to clean up, ever
-    out = SortedRows(emb, m, fd=fd)
-    try:
-        _reserve(fd, m * row_bytes, directory)
+    with _scratch_file(scratch_dir, m * row_bytes) as fd:
+        out = SortedRows(emb, m, fd=fd)
         _scatter(emb, order, bucket, fd, row_bytes, progress)
         for lo in range(0, m, bucket):  # each bucket holds its rows by row; put them in order
             hi = min(lo + bucket, m)
             block = out.raw(lo, hi)
             _pwrite(fd, block[_inverse(order[lo:hi])], lo * row_bytes)
             del block  # two buckets at most are alive: this one and its permuted copy
+    return out
+
+
+def group_rows(emb: Embeddings, cells_of, n_cells: int, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+               scratch_dir: str | os.PathLike | None = None, progress: bool = False
+               ) -> tuple[np.ndarray, SortedRows]:
+    """One pass over the pool that finds each row's cell and writes the rows grouped by cell.
+
+    Where :func:`sort_rows` needs the order before it reads the pool, this reads each block
+    once for both: ``cells_of`` (a k-means assignment) sees the block's float32 rows, and the
+    block's rows are appended, as stored, to their cells' buffers (a quarter of the budget
+    over all cells), each full buffer written to the scratch file as one piece. A cell is then
+    a few contiguous reads, with no second pass over the pool and no permuting pass.
+
+    Args:
+        emb: the pool.
+        cells_of: ``cells_of(rows)``: int (B,) cell in [0, n_cells) of float32 rows (B, d).
+        n_cells: cells.
+        memory_bytes, scratch_dir, progress: as :func:`sort_rows`.
+
+    Returns:
+        int64 (N,) each row's cell, and :class:`SortedRows` of all N rows by cell, each cell's
+        rows in row order: position ``i`` holds row ``cluster_index(cells, None, n_cells)
+        .order[i]``.
+    """
+    row_bytes = emb.d * np.dtype(emb.x.dtype).itemsize
+    quarter = max(1, int(memory_bytes) // (4 * row_bytes))
+    on_disk = emb.n > quarter
+    capacity = max(1, quarter // n_cells) if on_disk else emb.n  # rows a cell buffers
+    cells = np.empty(emb.n, np.int64)
+    pending = [[] for _ in range(n_cells)]  # per cell: raw row arrays not yet written
+    held = np.zeros(n_cells, np.int64)      # rows in ``pending``
+    written = np.zeros(n_cells, np.int64)   # rows already in the file
+    pieces = []                             # (cell, first row of the cell's, byte offset)
+    # the file outlives this function (the SortedRows closes it); closed here only on failure
+    with _scratch_file(scratch_dir, emb.n * row_bytes) if on_disk else contextlib.nullcontext() as fd:
+        end = 0
+
+        def flush(c: int) -> None:
+            nonlocal end
+            rows = np.concatenate(pending[c])
+            pieces.append((c, int(written[c]), end))
+            _pwrite(fd, rows, end)
+            end += rows.nbytes
+            written[c] += len(rows)
+            pending[c], held[c] = [], 0
+
+        step = emb.block_size
+        for start in tqdm(range(0, emb.n, step), disable=not progress, desc="assign and group",
+                          unit="block", leave=False):
+            raw = np.asarray(emb.x[start : min(start + step, emb.n)])
+            ids = np.asarray(cells_of(emb._finish(raw)), np.int64)
+            cells[start : start + len(raw)] = ids
+            by_cell = np.argsort(ids, kind="stable")  # each cell's rows stay in row order
+            raw, ids = raw[by_cell], ids[by_cell]
+            cuts = np.flatnonzero(np.diff(ids)) + 1
+            for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(ids)]])):
+                c = int(ids[lo])
+                pending[c].append(raw[lo:hi].copy())  # a copy: no block stays alive through a view
+                held[c] += hi - lo
+                if on_disk and held[c] >= capacity:
+                    flush(c)
+            del raw
+        sizes = np.bincount(cells, minlength=n_cells)
+        if not on_disk:
+            rows = [np.concatenate(p) for p in pending if p]
+            memory = np.concatenate(rows) if rows else np.empty((0, emb.d), emb.x.dtype)
+            return cells, SortedRows(emb, emb.n, memory=memory)
+        for c in np.flatnonzero(held):
+            flush(int(c))
+        first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        pos = np.array([first[c] + within for c, within, _ in pieces], np.int64)
+        at = np.array([offset for _, _, offset in pieces], np.int64)
+        by_pos = np.argsort(pos)
+    return cells, SortedRows(emb, emb.n, fd=fd, segments=(pos[by_pos], at[by_pos]))
+
+
+@contextlib.contextmanager
+def _scratch_file(scratch_dir, nbytes: int):
+    """An unlinked scratch file (fd) in ``scratch_dir`` with ``nbytes`` reserved; closed if
+    the body raises (out of room: the one-line error naming ``scratch_dir``)."""
+    directory = check_scratch(scratch_dir, nbytes)
+    fd, path = tempfile.mkstemp(prefix="dbp-scratch-", suffix=".rows", dir=directory)
+    os.unlink(path)  # freed on close or on death: nothing to clean up, ever
+    try:
+        _reserve(fd, nbytes, directory)
+        yield fd
     except OSError as exc:
-        out.close()
+        os.close(fd)
         if exc.errno == errno.ENOSPC:  # a file system that could not reserve the space up front
             raise ValueError(f"scratch_dir {directory}: ran out of room writing "
-                             f"{_size(m * row_bytes)} of sorted rows; set scratch_dir to a disk "
+                             f"{_size(nbytes)} of sorted rows; set scratch_dir to a disk "
                              "with room") from None
         raise
     except BaseException:
-        out.close()
+        os.close(fd)
         raise
-    return out
 
 
 def _inverse(rows: np.ndarray) -> np.ndarray:
