@@ -91,8 +91,8 @@ class Embeddings:
     def __len__(self) -> int:
         return self.n
 
-    def _finish(self, block: np.ndarray) -> np.ndarray:
-        block = as_float32(block)
+    def _finish(self, block: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        block = as_float32(block, out)
         if self.normalize:  # a new array: ``block`` may be a view of the caller's data
             block = block / np.linalg.norm(block, axis=1, keepdims=True)
         return block
@@ -135,8 +135,10 @@ class Embeddings:
 _TORCH_WIDEN_MIN = 1 << 20
 
 
-def as_float32(block) -> np.ndarray:
-    """``block`` (n, d) as C-contiguous float32: itself when it already is, else a new array.
+def as_float32(block, out: np.ndarray | None = None) -> np.ndarray:
+    """``block`` (n, d) as C-contiguous float32: itself when it already is, else a new array
+    (or ``out``, float32 of ``block``'s shape, reused by a caller that converts block after
+    block: fresh memory costs a page fault per page).
 
     Widening float16 is exact, so the kernel is free to choose: NumPy's takes ~1.5 ns a value
     here, torch's (F16C) ~0.2 ns, and a float16 pool is widened once per pass over it. So large
@@ -144,11 +146,15 @@ def as_float32(block) -> np.ndarray:
     torch's allocator does not: its fresh pages cost more than the conversion).
     """
     block = np.asarray(block)
+    if block.dtype == np.float32 and block.flags.c_contiguous:
+        return block
+    if out is None:
+        out = np.empty(block.shape, np.float32)
     if block.dtype != np.float16 or block.size < _TORCH_WIDEN_MIN:
-        return np.ascontiguousarray(block, dtype=np.float32)
+        np.copyto(out, block, casting="same_kind" if block.dtype.itemsize <= 4 else "unsafe")
+        return out
     import torch  # imported here: only float16 pools pay its import
 
-    out = np.empty(block.shape, np.float32)
     with warnings.catch_warnings():  # a read-only memmap: torch warns that it could write to it
         warnings.simplefilter("ignore", UserWarning)
         torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(block)))

@@ -242,10 +242,11 @@ def group_rows(emb: Embeddings, cells_of, n_cells: int, memory_bytes: int = DEFA
             pending[c], held[c] = [], 0
 
         step = emb.block_size
+        wide = np.empty((min(step, emb.n), emb.d), np.float32)  # reused: no fresh pages a block
         for start in tqdm(range(0, emb.n, step), disable=not progress, desc="assign and group",
                           unit="block", leave=False):
             raw = np.asarray(emb.x[start : min(start + step, emb.n)])
-            ids = np.asarray(cells_of(emb._finish(raw)), np.int64)
+            ids = np.asarray(cells_of(emb._finish(raw, wide[: len(raw)])), np.int64)
             cells[start : start + len(raw)] = ids
             by_cell = np.argsort(ids, kind="stable")  # each cell's rows stay in row order
             raw, ids = raw[by_cell], ids[by_cell]
