@@ -62,8 +62,10 @@ class Embeddings:
         found = np.full((comm.world_size, 3), -1, np.int64)
         found[comm.rank] = (-1, -1, 0)
         lo, hi = block_range(self.n, self.block_size, comm.rank, comm.world_size)
+        wide = np.empty((min(self.block_size, max(hi - lo, 0)), self.d), np.float32)  # reused
         for start in range(lo, hi, self.block_size):
-            block = as_float32(self.x[start : min(start + self.block_size, hi)])
+            raw = self.x[start : min(start + self.block_size, hi)]
+            block = as_float32(raw, wide[: len(raw)])
             finite = np.isfinite(block).all(axis=1)
             norms = np.linalg.norm(block, axis=1)
             if not finite.all():
