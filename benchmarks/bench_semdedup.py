@@ -23,8 +23,13 @@ import numpy as np
 
 #: cProfile function names (internal time) -> the part of the README's list they belong to
 PARTS = {"gemm32": "intra-cell matrix products", "IndexFlat_search": "faiss searches",
-         "_scatter": "the sort", "sort_rows": "the sort", "pwrite": "the sort",
-         "preadv": "the sort", "_range": "the sort", "ascontiguousarray": "float16 -> float32",
+         "group_rows": "grouping the pool by coarse cell (scratch)",
+         "_scatter": "grouping the pool by coarse cell (scratch)",
+         "sort_rows": "grouping the pool by coarse cell (scratch)",
+         "pwrite": "grouping the pool by coarse cell (scratch)",
+         "preadv": "grouping the pool by coarse cell (scratch)",
+         "_range": "grouping the pool by coarse cell (scratch)",
+         "ascontiguousarray": "float16 -> float32", "copy_": "float16 -> float32",
          "c_einsum": "float64 row products and norms"}
 
 
