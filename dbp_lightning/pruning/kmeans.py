@@ -274,10 +274,12 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
         sample: training rows of the (first level) k-means; the second level uses its default.
         comm: a :mod:`~dbp_lightning.pruning.collective` collective: the first level as in
             :func:`spherical_kmeans`, then the ranks split the coarse cells.
-        memory_bytes, scratch_dir: the second level reads each coarse cell's rows from one
-            sort of the pool by coarse cell (:func:`~.scratch.sort_rows`, in memory when it
-            fits a quarter of ``memory_bytes``, else in ``scratch_dir``); a coarse cell whose
-            float32 rows fit in a quarter is held whole, a larger one read block by block.
+        memory_bytes, scratch_dir: the second level reads each coarse cell's rows from the
+            pool grouped by coarse cell, in memory when it fits a quarter of ``memory_bytes``,
+            else in ``scratch_dir``: in one process by the coarse assignment pass itself
+            (:func:`~.scratch.group_rows`), across ranks by a sort of each rank's cells
+            (:func:`~.scratch.sort_rows`). A coarse cell whose float32 rows fit in a quarter
+            is held whole, a larger one read block by block.
         visit: optional ``visit(members, rows, cells, similarity)``, called in two levels with
             each coarse cell of this rank once it is split, while its rows are at hand: int64
             (M,) increasing row ids, their float32 rows (an array, or a

@@ -8,7 +8,9 @@ that was most of SemDeDup's time). :func:`sort_rows` instead reads the pool once
 writes each row to its place in the given order (an external bucket sort: rows go to buckets of
 consecutive positions in one sequential pass, then each bucket is put in order in memory), so
 that every cell is then one contiguous read, as SemDeDup's public code does with one file per
-cluster.
+cluster. When the cells are found by a pass over the pool anyway (the two-level partition's
+coarse assignment), :func:`group_rows` writes the rows grouped by cell in that same pass, in
+per-cell pieces, and nothing is read twice.
 
 The memory budget sets every buffer: the sort's blocks and buckets, and which cells are read
 whole (the others are read in blocks by :class:`RowRange`). When the sorted rows fit in a
@@ -259,9 +261,13 @@ def group_rows(emb: Embeddings, cells_of, n_cells: int, memory_bytes: int = DEFA
                     flush(c)
             del raw
         sizes = np.bincount(cells, minlength=n_cells)
-        if not on_disk:
-            rows = [np.concatenate(p) for p in pending if p]
-            memory = np.concatenate(rows) if rows else np.empty((0, emb.d), emb.x.dtype)
+        if not on_disk:  # the rows fit a quarter of the budget: held, copied once into place
+            memory, at = np.empty((emb.n, emb.d), emb.x.dtype), 0
+            for c in range(n_cells):
+                for piece in pending[c]:
+                    memory[at : at + len(piece)] = piece
+                    at += len(piece)
+                pending[c] = []
             return cells, SortedRows(emb, emb.n, memory=memory)
         for c in np.flatnonzero(held):
             flush(int(c))

@@ -317,7 +317,8 @@ def _earlier_top2(xc: np.ndarray, block_size: int, not_before: np.ndarray
         bj, sj, aj = best[js : js + n_j], second[js : js + n_j], arg[js : js + n_j]  # views
         for is_ in range(0, js + n_j, block_size):
             last = is_ + block_size > js
-            sims = exact.gemm32(xj, xj if last and is_ == js else xc[is_ : min(is_ + block_size, js + n_j)])
+            keys = xj if last and is_ == js else xc[is_ : min(is_ + block_size, js + n_j)]
+            sims = exact.gemm32(xj, keys)
             if last:  # the diagonal: only members ranked strictly before count (-inf, not
                 # NO_EARLIER, so that an earlier member at exactly -1.0 is still a partner)
                 np.copyto(sims[:, js - is_ :], -np.inf, where=not_before[:n_j, :n_j])
