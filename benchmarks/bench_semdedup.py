@@ -6,7 +6,12 @@ On a bench_scale store (``benchmarks/bench_scale.py`` writes them), times
 - with the thread defaults ``import dbp_lightning`` sets (idle OpenMP and OpenBLAS threads sleep),
   and with both pools' idle threads spinning (``OMP_WAIT_POLICY=ACTIVE``,
   ``OPENBLAS_THREAD_TIMEOUT=30``), each the median of ``--repeats``;
-- once under cProfile, its time split into the named parts of the README's list.
+- once under cProfile, its time split into the named parts of the README's list;
+- then two parts alone: widening float16 (NumPy's kernel against torch's) and one fine k-means
+  of a 10M pool's coarse-cell size, and the RssAnon that ``import torch`` adds.
+
+Run at a given commit, the first row is that commit's time for one partition: the README's
+per-change figures are that row at successive commits.
 
     python benchmarks/bench_semdedup.py --n 3000000   # the README's figures
 """
@@ -64,6 +69,41 @@ def child(store: str, profile: bool) -> None:
     print(json.dumps({"total": total, "parts": parts}))
 
 
+def parts_alone(store: str) -> None:
+    """Two parts of a partition timed alone, medians: widening a float16 block (NumPy's kernel
+    against torch's, which ``as_float32`` uses), and one fine k-means of the size a coarse cell
+    has at 10M (100,000 rows, k = 100, 10 iterations); and what importing torch adds to RssAnon."""
+    import time
+
+    import torch
+
+    from dbp_lightning.pruning import kmeans
+    from dbp_lightning.pruning.embeddings import as_embeddings
+    from dbp_lightning.store import EmbeddingStore
+
+    def median_s(f, repeats):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    emb = as_embeddings(EmbeddingStore(store).embeddings)
+    raw = np.asarray(emb.x[0 : emb.block_size])
+    out = np.empty(raw.shape, np.float32)
+    numpy_ns = median_s(lambda: np.copyto(out, raw), 7) / raw.size * 1e9
+    torch_ns = median_s(lambda: torch.from_numpy(out).copy_(torch.from_numpy(raw)), 7) / raw.size * 1e9
+    rows = emb.over(emb.rows(0, min(emb.n, 100_000)))
+    fine = median_s(lambda: kmeans.spherical_kmeans(rows, 100, niter=10, backend="faiss"), 3)
+    probe = ("import dbp_lightning.pruning.kmeans, faiss; from dbp_lightning.memory import _status; "
+             "a = _status()['RssAnon']; import torch; print(_status()['RssAnon'] - a)")
+    grew = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                check=True).stdout.split()[-1])
+    print(json.dumps({"widen_numpy_ns": numpy_ns, "widen_torch_ns": torch_ns, "d": emb.d,
+                      "fine_kmeans_s": fine, "torch_import_anon_mib": grew}))
+
+
 def run(store: str, env: dict, profile: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", store] + (["--profile"] if profile else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
@@ -79,9 +119,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--parts", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(args.child, args.profile)
+        return parts_alone(args.child) if args.parts else child(args.child, args.profile)
     store = f"{args.workdir}/pool_{args.n}"
     if not os.path.isfile(f"{store}/manifest.json"):
         sys.exit(f"no store {store}: run benchmarks/bench_scale.py --sizes {args.n} first")
@@ -99,6 +140,14 @@ def main() -> None:
     print("| part | seconds |\n|---|---:|")
     for part, sec in sorted(prof["parts"].items(), key=lambda kv: -kv[1]):
         print(f"| {part} | {sec:.1f} |")
+    alone = json.loads(subprocess.run([sys.executable, __file__, "--child", store, "--parts"],
+                                      capture_output=True, text=True, check=True)
+                       .stdout.strip().splitlines()[-1])
+    print("\nparts alone (medians)\n\n| part | figure |\n|---|---:|")
+    print(f"| float16 -> float32, NumPy's kernel | {alone['widen_numpy_ns']:.2f} ns a value |")
+    print(f"| float16 -> float32, torch's kernel (as_float32) | {alone['widen_torch_ns']:.2f} ns a value |")
+    print(f"| one fine k-means: 100,000 x {alone['d']} rows, k = 100, 10 iterations | {alone['fine_kmeans_s']:.2f} s |")
+    print(f"| RssAnon added by `import torch` | {alone['torch_import_anon_mib']:.0f} MiB |")
 
 
 if __name__ == "__main__":
