@@ -72,7 +72,7 @@ def cluster_index(assignment: np.ndarray, similarity: np.ndarray | None, k: int 
     # stable sorts: cluster, then similarity, then row (increasing ``rows`` keep that tie-break);
     # lexsort sorts by the last key first
     order = (np.lexsort((similarity, assignment)) if ranked
-             else np.argsort(assignment, kind="stable")).astype(np.int64)
+             else np.argsort(assignment, kind="stable")).astype(np.int64, copy=False)
     if rows is not None:
         order = np.asarray(rows, dtype=np.int64)[order]
     starts = np.zeros(k + 1, np.int64)
