@@ -153,7 +153,7 @@ def as_float32(block, out: np.ndarray | None = None) -> np.ndarray:
     if out is None:
         out = np.empty(block.shape, np.float32)
     if block.dtype != np.float16 or block.size < _TORCH_WIDEN_MIN:
-        np.copyto(out, block, casting="same_kind" if block.dtype.itemsize <= 4 else "unsafe")
+        np.copyto(out, block, casting="same_kind")  # float64 rounds to float32, as astype does
         return out
     import torch  # imported here: only float16 pools pay its import
 
