@@ -99,7 +99,7 @@ def test_rows_grouped_in_the_assignment_pass_read_back_as_a_gather_would(rng, tm
 
 
 @pytest.mark.parametrize("memory_rows", [5, 64, 10**6])
-def test_sorted_rows_read_back_as_a_gather_would(rng, tmp_path, memory_rows):
+def test_sorted_rows_read_back_as_a_gather_would(rng, tmp_path, memory_rows, monkeypatch):
     x = pool_with_copies(rng, n=500)
     with pytest.warns(UserWarning, match="not L2-normalised"):
         emb = Embeddings(x, block_size=37)
@@ -114,6 +114,11 @@ def test_sorted_rows_read_back_as_a_gather_would(rng, tmp_path, memory_rows):
         np.testing.assert_array_equal(part[5:90], expected[22:107])
         np.testing.assert_array_equal(part[np.array([3, 0, 182, 3])], expected[[20, 17, 199, 20]])
         np.testing.assert_array_equal(part[4], expected[21])
+        for gap, span in ((16, 1024), (0, 1), (3, 7)):  # reads coalesced by runs, or row by row
+            monkeypatch.setattr(scratch, "_GAP", gap)
+            monkeypatch.setattr(scratch, "_SPAN", span)
+            some = rng.integers(-183, 183, 400)  # repeats, any order, near and far apart
+            np.testing.assert_array_equal(part[some], expected[17:200][some])
         np.testing.assert_array_equal(part[-1], expected[199])  # as NumPy reads it
         assert part[5:2].shape == (0, x.shape[1]) and rows.range(3, 3).load().shape == (0, x.shape[1])
         for bad in (183, -184):

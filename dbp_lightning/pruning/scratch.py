@@ -121,9 +121,15 @@ class SortedRows:
         self.close()
 
 
+#: integer-array reads of a :class:`RowRange`: rows at most this far apart share one read, and
+#: one read covers at most ``_SPAN`` wanted rows (so it holds at most ``_SPAN * _GAP`` rows)
+_GAP, _SPAN = 16, 1024
+
+
 class RowRange:
     """float32 (M, d) rows ``start:stop`` of a :class:`SortedRows`, read when indexed: a slice
-    is one contiguous read, an integer array one read per row. For cells too large to hold."""
+    is one contiguous read, an integer array one read per run of nearby rows. For cells too
+    large to hold."""
 
     dtype = np.dtype(np.float32)
 
@@ -154,10 +160,17 @@ class RowRange:
         if index.size and (index.min() < -len(self) or index.max() >= len(self)):
             raise IndexError(f"row index out of range for {len(self)} rows")
         index = np.where(index < 0, index + len(self), index) + self.start
-        rows = np.empty((index.size, self.rows.d), self.rows.raw_dtype)
-        for j, i in enumerate(index.reshape(-1)):
-            rows[j] = self.rows.raw(int(i), int(i) + 1)[0]
-        rows = finish(rows)  # ``rows`` was filled here: what comes back is the caller's
+        wanted, inverse = np.unique(index.reshape(-1), return_inverse=True)
+        rows = np.empty((wanted.size, self.rows.d), self.rows.raw_dtype)
+        # one read per run of wanted rows no more than _GAP apart (a training sample of a
+        # quarter of the rows reads them all in a few reads, not one call a row)
+        cuts = np.flatnonzero(np.diff(wanted) > _GAP) + 1
+        for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [wanted.size]])):
+            for a in range(lo, hi, _SPAN):  # a span's read stays within _SPAN wanted rows' reach
+                b = min(a + _SPAN, hi)
+                first = int(wanted[a])
+                rows[a:b] = self.rows.raw(first, int(wanted[b - 1]) + 1)[wanted[a:b] - first]
+        rows = finish(rows[inverse])  # ``rows`` was filled here: what comes back is the caller's
         return rows[0] if index.ndim == 0 else rows
 
     def _own(self, block: np.ndarray) -> np.ndarray:
