@@ -264,11 +264,11 @@ def group_rows(emb: Embeddings, cells_of, n_cells: int, memory_bytes: int = DEFA
             ids = np.asarray(cells_of(emb._finish(raw, wide[: len(raw)])), np.int64)
             cells[start : start + len(raw)] = ids
             by_cell = np.argsort(ids, kind="stable")  # each cell's rows stay in row order
-            raw, ids = raw[by_cell], ids[by_cell]
+            ids = ids[by_cell]
             cuts = np.flatnonzero(np.diff(ids)) + 1
             for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(ids)]])):
                 c = int(ids[lo])
-                pending[c].append(raw[lo:hi].copy())  # a copy: no block stays alive through a view
+                pending[c].append(raw[by_cell[lo:hi]])  # gathered: a copy, no view of the block
                 held[c] += hi - lo
                 if on_disk and held[c] >= capacity:
                     flush(c)
