@@ -23,10 +23,12 @@ from .collective import Local
 from .complexity import cluster_complexity
 from .embeddings import Embeddings, as_embeddings
 from .backend import resolve_backend
+from . import kmeans
 from .kmeans import spherical_kmeans
 from .quotas import dbp_quotas, softmax_probabilities
 from .select import dbp_select, random_select, ssp_select
-from .scratch import check_scratch, scratch_bytes
+from .scratch import scratch_bytes
+from .scratchfile import check_scratch
 from .semdedup import semdedup_passes, threshold_for_fraction
 
 log = logging.getLogger(__name__)
@@ -160,7 +162,9 @@ def _prune(x, config: PruneConfig, metadata: pa.Table | None, progress: bool, co
     memory = int(config.memory_gb * 2**30)
     scratch = 0
     if "semdedup" in config.stages:  # the rows sorted by cell, on disk unless they fit in memory
-        scratch = scratch_bytes(n, emb.d, emb.x.dtype)
+        k = config.semdedup.k  # two levels: the pool grouped by its sqrt(k) coarse cells
+        cells = int(np.ceil(np.sqrt(k))) if k > kmeans.FLAT_MAX_K and comm.world_size == 1 else None
+        scratch = scratch_bytes(n, emb.d, emb.x.dtype, memory, cells)
         scratch = scratch if 4 * scratch > memory else 0
         # checked even when the pool fits: a coarse cell too large for the budget still sorts
         where = check_scratch(config.scratch_dir, scratch)

@@ -16,9 +16,9 @@ The memory budget sets every buffer: the sort's blocks and buckets, and which ce
 whole (the others are read in blocks by :class:`RowRange`). When the sorted rows fit in a
 quarter of the budget they stay in memory and no file is written.
 
-The scratch file is unlinked the moment it is created, so the kernel frees it when the run
-closes it, fails, or is killed (SIGKILL included): no run leaves scratch behind. Its whole size
-is reserved before the first row is written; a disk without room refuses up front.
+Rows reach the file in pieces (a cell's or a bucket's rows, up to a share of the budget),
+each written at an aligned offset (:mod:`.scratchfile`: unlinked, reserved up front, direct
+I/O), and :class:`SortedRows` knows where each piece of positions lies.
 """
 
 from __future__ import annotations
@@ -26,66 +26,71 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .embeddings import Embeddings
+from .scratchfile import ALIGN, ScratchFile, size_text
 
 #: working memory of the out-of-core stages when the caller gives none (``PruneConfig.memory_gb``)
 DEFAULT_MEMORY_BYTES = 1 << 30
 
 
-def scratch_bytes(n: int, d: int, dtype) -> int:
-    """Bytes of disk one :func:`sort_rows` of ``n`` rows of ``d`` values of ``dtype`` takes (the
-    rows as stored: float16 pools take 2 d bytes a row)."""
-    return int(n) * int(d) * np.dtype(dtype).itemsize
+def scratch_bytes(n: int, d: int, dtype, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+                  cells: int | None = None) -> int:
+    """Bytes of disk that grouping ``n`` rows of ``d`` values of ``dtype`` by ``cells`` cells
+    (:func:`group_rows`; None: one :func:`sort_rows`) takes with ``memory_bytes``: the rows as
+    stored (float16 pools take 2 d bytes a row), and the padding of its pieces to whole
+    :data:`~.scratchfile.ALIGN` blocks (at most one block a piece)."""
+    row_bytes = int(d) * np.dtype(dtype).itemsize
+    keys = _buckets(n, row_bytes, memory_bytes) if cells is None else cells
+    return int(n) * row_bytes + _padding(n, keys, _capacity(n, row_bytes, memory_bytes, keys))
 
 
-def check_scratch(directory: str | os.PathLike | None, nbytes: int) -> str:
-    """The scratch directory (``None``: the system's temporary directory, ``$TMPDIR``), after
-    checking that it exists and has ``nbytes`` free; raises ValueError saying what to set."""
-    directory = str(directory) if directory else tempfile.gettempdir()
-    if not os.path.isdir(directory):
-        raise ValueError(f"scratch_dir {directory}: not a directory")
-    try:
-        tempfile.TemporaryFile(dir=directory).close()
-    except OSError as exc:
-        raise ValueError(f"scratch_dir {directory}: cannot write there ({exc.strerror}); set "
-                         "scratch_dir to a writable directory") from None
-    free = shutil.disk_usage(directory).free
-    if free < nbytes:
-        raise ValueError(f"scratch_dir {directory}: the sorted rows need {_size(nbytes)} and "
-                         f"{_size(free)} are free; set scratch_dir to a disk with room")
-    return directory
+def _quarter(row_bytes: int, memory_bytes: int) -> int:
+    """Rows in a quarter of the budget: a sort's bucket, a grouping's buffers over all cells."""
+    return max(1, int(memory_bytes) // (4 * row_bytes))
 
 
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+def _buckets(m: int, row_bytes: int, memory_bytes: int) -> int:
+    return -(-int(m) // _quarter(row_bytes, memory_bytes))
+
+
+def _capacity(n: int, row_bytes: int, memory_bytes: int, keys: int) -> int:
+    """Rows one key (cell or bucket) buffers before its piece is written: its share of a
+    quarter of the budget, and at least a block's worth (so padding at most doubles a piece)."""
+    return max(-(-ALIGN // row_bytes), _quarter(row_bytes, memory_bytes) // max(1, keys))
+
+
+def _padding(n: int, keys: int, capacity: int) -> int:
+    """Most bytes the pieces' padding takes: every piece but each key's last holds at least
+    ``capacity`` rows."""
+    return ALIGN * (int(n) // capacity + int(keys))
 
 
 class SortedRows:
-    """Rows ``order`` of an :class:`Embeddings`, in that order, in memory or in an unlinked
-    scratch file; read back as float32 (normalised as the source is) through :meth:`range`.
+    """Rows ``order`` of an :class:`Embeddings`, in that order, in memory or in a
+    :class:`~.scratchfile.ScratchFile`; read back as float32 (normalised as the source is)
+    through :meth:`range`.
 
     Use as a context manager (or call :meth:`close`): the file's space is freed on close.
     """
 
     def __init__(self, emb: Embeddings, n: int, memory: np.ndarray | None = None,
-                 fd: int | None = None, segments: tuple[np.ndarray, np.ndarray] | None = None):
+                 file: ScratchFile | None = None,
+                 segments: tuple[np.ndarray, np.ndarray] | None = None):
         self.emb, self.n, self.d = emb, n, emb.d
         self.raw_dtype = np.dtype(emb.x.dtype)
         self.row_bytes = self.d * self.raw_dtype.itemsize
-        self._memory, self._fd = memory, fd
-        # where the file holds each run of positions: int64 first positions (increasing, from
-        # 0) and their byte offsets; one run unless the rows were written in chunks (group_rows)
+        self._memory, self._file = memory, file
+        # where the file holds each run of positions (a piece): int64 first positions
+        # (increasing, from 0) and their byte offsets
         self._seg_pos, self._seg_at = segments or (np.zeros(1, np.int64), np.zeros(1, np.int64))
 
     @property
     def on_disk(self) -> bool:
-        return self._fd is not None
+        return self._file is not None
 
     def raw(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` (0 <= start <= stop <= n) as stored (raw dtype): a new array from
@@ -100,7 +105,7 @@ class SortedRows:
         while at < stop:  # one read per run of positions the file holds in one piece
             end = stop if i + 1 == len(self._seg_pos) else min(stop, int(self._seg_pos[i + 1]))
             offset = int(self._seg_at[i]) + (at - int(self._seg_pos[i])) * self.row_bytes
-            _pread(self._fd, out[at - start : end - start], offset)
+            self._file.read(out[at - start : end - start], offset)
             at, i = end, i + 1
         return out
 
@@ -109,9 +114,9 @@ class SortedRows:
         return RowRange(self, start, stop)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         self._memory = None
 
     def __enter__(self) -> "SortedRows":
@@ -198,17 +203,23 @@ def sort_rows(emb: Embeddings, order: np.ndarray, memory_bytes: int = DEFAULT_ME
     order = np.asarray(order, np.int64)
     m = len(order)
     row_bytes = emb.d * np.dtype(emb.x.dtype).itemsize
-    bucket = max(1, int(memory_bytes) // (4 * row_bytes))  # rows per bucket and per pool block
+    bucket = _quarter(row_bytes, memory_bytes)  # rows per bucket and per pool block
     if m <= bucket:
         return SortedRows(emb, m, memory=np.asarray(emb.x[np.sort(order)])[_inverse(order)])
-    with _scratch_file(scratch_dir, m * row_bytes) as fd:
-        out = SortedRows(emb, m, fd=fd)
-        _scatter(emb, order, bucket, fd, row_bytes, progress)
-        for lo in range(0, m, bucket):  # each bucket holds its rows by row; put them in order
+    buckets = _buckets(m, row_bytes, memory_bytes)
+    with _scratch_file(scratch_dir, scratch_bytes(m, emb.d, emb.x.dtype, memory_bytes)) as file:
+        # one pass over the pool: each bucket's rows, in row order, written in pieces
+        pieces = _Pieces(file, buckets, _capacity(m, row_bytes, memory_bytes, buckets))
+        _scatter(emb, order, bucket, pieces, progress)
+        out = SortedRows(emb, m, file=file, segments=pieces.segments(np.arange(buckets) * bucket))
+        pos, at = out._seg_pos, out._seg_at
+        for lo in range(0, m, bucket):  # each bucket put in order, back into its own pieces
             hi = min(lo + bucket, m)
-            block = out.raw(lo, hi)
-            _pwrite(fd, block[_inverse(order[lo:hi])], lo * row_bytes)
-            del block  # two buckets at most are alive: this one and its permuted copy
+            block = out.raw(lo, hi)[_inverse(order[lo:hi])]
+            for i in range(np.searchsorted(pos, lo), np.searchsorted(pos, hi)):
+                end = int(pos[i + 1]) if i + 1 < len(pos) else m
+                file.write(block[int(pos[i]) - lo : end - lo], int(at[i]))
+            del block  # two buckets at most are alive: the one read and its permuted copy
     return out
 
 
@@ -235,27 +246,14 @@ def group_rows(emb: Embeddings, cells_of, n_cells: int, memory_bytes: int = DEFA
         .order[i]``.
     """
     row_bytes = emb.d * np.dtype(emb.x.dtype).itemsize
-    quarter = max(1, int(memory_bytes) // (4 * row_bytes))
-    on_disk = emb.n > quarter
-    capacity = max(1, quarter // n_cells) if on_disk else emb.n  # rows a cell buffers
+    on_disk = emb.n > _quarter(row_bytes, memory_bytes)
     cells = np.empty(emb.n, np.int64)
-    pending = [[] for _ in range(n_cells)]  # per cell: raw row arrays not yet written
-    held = np.zeros(n_cells, np.int64)      # rows in ``pending``
-    written = np.zeros(n_cells, np.int64)   # rows already in the file
-    pieces = []                             # (cell, first row of the cell's, byte offset)
     # the file outlives this function (the SortedRows closes it); closed here only on failure
-    with _scratch_file(scratch_dir, emb.n * row_bytes) if on_disk else contextlib.nullcontext() as fd:
-        end = 0
-
-        def flush(c: int) -> None:
-            nonlocal end
-            rows = np.concatenate(pending[c])
-            pieces.append((c, int(written[c]), end))
-            _pwrite(fd, rows, end)
-            end += rows.nbytes
-            written[c] += len(rows)
-            pending[c], held[c] = [], 0
-
+    with (_scratch_file(scratch_dir, scratch_bytes(emb.n, emb.d, emb.x.dtype, memory_bytes,
+                                                   n_cells))
+          if on_disk else contextlib.nullcontext()) as file:
+        pieces = _Pieces(file, n_cells, _capacity(emb.n, row_bytes, memory_bytes, n_cells)
+                         if on_disk else emb.n)
         step = emb.block_size
         wide = np.empty((min(step, emb.n), emb.d), np.float32)  # reused: no fresh pages a block
         for start in tqdm(range(0, emb.n, step), disable=not progress, desc="assign and group",
@@ -267,49 +265,73 @@ def group_rows(emb: Embeddings, cells_of, n_cells: int, memory_bytes: int = DEFA
             ids = ids[by_cell]
             cuts = np.flatnonzero(np.diff(ids)) + 1
             for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(ids)]])):
-                c = int(ids[lo])
-                pending[c].append(raw[by_cell[lo:hi]])  # gathered: a copy, no view of the block
-                held[c] += hi - lo
-                if on_disk and held[c] >= capacity:
-                    flush(c)
+                pieces.add(int(ids[lo]), raw[by_cell[lo:hi]])  # gathered: a copy, not a view
             del raw
         sizes = np.bincount(cells, minlength=n_cells)
         if not on_disk:  # the rows fit a quarter of the budget: held, copied once into place
             memory, at = np.empty((emb.n, emb.d), emb.x.dtype), 0
             for c in range(n_cells):
-                for piece in pending[c]:
+                for piece in pieces.pending[c]:
                     memory[at : at + len(piece)] = piece
                     at += len(piece)
-                pending[c] = []
+                pieces.pending[c] = []
             return cells, SortedRows(emb, emb.n, memory=memory)
-        for c in np.flatnonzero(held):
-            flush(int(c))
-        first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        pos = np.array([first[c] + within for c, within, _ in pieces], np.int64)
-        at = np.array([offset for _, _, offset in pieces], np.int64)
+        segments = pieces.segments(np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+    return cells, SortedRows(emb, emb.n, file=file, segments=segments)
+
+
+class _Pieces:
+    """Rows appended by key (a cell, a bucket), buffered up to ``capacity`` rows a key; a key's
+    buffered rows are written as one piece at the file's end, aligned for direct I/O."""
+
+    def __init__(self, file: ScratchFile | None, keys: int, capacity: int):
+        self.file, self.capacity = file, capacity
+        self.pending = [[] for _ in range(keys)]  # per key: row arrays not yet written
+        self.held = np.zeros(keys, np.int64)      # rows in ``pending``
+        self.written = np.zeros(keys, np.int64)   # rows already in the file
+        self.pieces = []                          # (key, rows of the key before it, byte offset)
+        self.end = 0
+
+    def add(self, key: int, rows: np.ndarray) -> None:
+        self.pending[key].append(rows)
+        self.held[key] += len(rows)
+        if self.held[key] >= self.capacity:
+            self.flush(key)
+
+    def flush(self, key: int) -> None:
+        rows = np.concatenate(self.pending[key])
+        self.pieces.append((key, int(self.written[key]), self.end))
+        self.end += self.file.write(rows, self.end)
+        self.written[key] += len(rows)
+        self.pending[key], self.held[key] = [], 0
+
+    def segments(self, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every buffer written, then where each piece lies: int64 first positions (increasing)
+        and byte offsets, for keys whose rows start at positions ``first``."""
+        for key in np.flatnonzero(self.held):
+            self.flush(int(key))
+        pos = np.array([first[k] + within for k, within, _ in self.pieces], np.int64)
+        at = np.array([offset for _, _, offset in self.pieces], np.int64)
         by_pos = np.argsort(pos)
-    return cells, SortedRows(emb, emb.n, fd=fd, segments=(pos[by_pos], at[by_pos]))
+        return pos[by_pos], at[by_pos]
 
 
 @contextlib.contextmanager
 def _scratch_file(scratch_dir, nbytes: int):
-    """An unlinked scratch file (fd) in ``scratch_dir`` with ``nbytes`` reserved; closed if
-    the body raises (out of room: the one-line error naming ``scratch_dir``)."""
-    directory = check_scratch(scratch_dir, nbytes)
-    fd, path = tempfile.mkstemp(prefix="dbp-scratch-", suffix=".rows", dir=directory)
-    os.unlink(path)  # freed on close or on death: nothing to clean up, ever
+    """A :class:`~.scratchfile.ScratchFile` of ``nbytes``; closed if the body raises (out of
+    room: the one-line error naming ``scratch_dir``)."""
+    file = ScratchFile(scratch_dir, nbytes)
     try:
-        _reserve(fd, nbytes, directory)
-        yield fd
+        yield file
     except OSError as exc:
-        os.close(fd)
+        file.close()
         if exc.errno == errno.ENOSPC:  # a file system that could not reserve the space up front
-            raise ValueError(f"scratch_dir {directory}: ran out of room writing "
-                             f"{_size(nbytes)} of sorted rows; set scratch_dir to a disk "
+            raise ValueError(f"scratch_dir {file.directory}: ran out of room writing "
+                             f"{size_text(nbytes)} of sorted rows; set scratch_dir to a disk "
                              "with room") from None
         raise
     except BaseException:
-        os.close(fd)
+        file.close()
         raise
 
 
@@ -320,13 +342,12 @@ def _inverse(rows: np.ndarray) -> np.ndarray:
     return rank
 
 
-def _scatter(emb: Embeddings, order: np.ndarray, bucket: int, fd: int, row_bytes: int,
+def _scatter(emb: Embeddings, order: np.ndarray, bucket: int, pieces: _Pieces,
              progress: bool) -> None:
     """One pass over the pool in row order: each row goes to the bucket of its position, and
     a bucket's rows are appended in row order (a stable sort of each block by bucket)."""
     position = np.full(emb.n, -1, np.int64)
     position[order] = np.arange(len(order))
-    filled = np.zeros(-(-len(order) // bucket), np.int64)
     with tqdm(total=emb.n, disable=not progress, desc="sort rows", unit="row", leave=False) as bar:
         for start in range(0, emb.n, bucket):
             stop = min(start + bucket, emb.n)
@@ -341,37 +362,5 @@ def _scatter(emb: Embeddings, order: np.ndarray, bucket: int, fd: int, row_bytes
             block = np.asarray(emb.x[start:stop])[wanted[by_bucket]]
             cuts = np.flatnonzero(np.diff(ids)) + 1
             for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(ids)]])):
-                b = int(ids[lo])
-                _pwrite(fd, block[lo:hi], (b * bucket + int(filled[b])) * row_bytes)
-                filled[b] += hi - lo
-            del block  # before the next block is read: two blocks at most are alive
-
-
-def _reserve(fd: int, nbytes: int, directory: str) -> None:
-    if not hasattr(os, "posix_fallocate"):  # macOS: writes still fail cleanly on ENOSPC
-        return
-    try:
-        os.posix_fallocate(fd, 0, nbytes)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise ValueError(f"scratch_dir {directory}: no room for {_size(nbytes)} of sorted "
-                             "rows; set scratch_dir to a disk with room") from None
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise  # a file system without fallocate: writes still fail cleanly on ENOSPC
-
-
-def _pwrite(fd: int, array: np.ndarray, offset: int) -> None:
-    view = memoryview(np.ascontiguousarray(array)).cast("B")
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-
-
-def _pread(fd: int, out: np.ndarray, offset: int) -> None:
-    view = memoryview(out).cast("B")
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise EOFError(f"scratch file ended at byte {offset + done}")
-        done += got
+                pieces.add(int(ids[lo]), block[lo:hi].copy())  # a copy: the block is let go
+            del block  # before the next block is read
