@@ -114,6 +114,9 @@ def test_sorted_rows_read_back_as_a_gather_would(rng, tmp_path, memory_rows, mon
         np.testing.assert_array_equal(part[5:90], expected[22:107])
         np.testing.assert_array_equal(part[np.array([3, 0, 182, 3])], expected[[20, 17, 199, 20]])
         np.testing.assert_array_equal(part[4], expected[21])
+        buffer = np.full((400, x.shape[1]), 7.0, np.float32)  # reused: loads one after another
+        for lo, hi in ((17, 200), (0, 321), (300, 310)):
+            np.testing.assert_array_equal(rows.range(lo, hi).load(out=buffer), expected[lo:hi])
         for gap, span in ((16, 1024), (0, 1), (3, 7)):  # reads coalesced by runs, or row by row
             monkeypatch.setattr(scratch, "_GAP", gap)
             monkeypatch.setattr(scratch, "_SPAN", span)
@@ -135,6 +138,11 @@ def test_rows_read_are_the_callers_to_write_to(rng):
         assert not rows.on_disk
         rows.range(0, 10).load()[:] = 7.0
         rows.range(0, 10)[np.array([2])][:] = 7.0
+        buffer = np.zeros((20, 4), np.float32)
+        loaded = rows.range(5, 20).load(out=buffer)  # float32 rows: read straight into it
+        assert np.shares_memory(loaded, buffer) and not np.shares_memory(loaded, x)
+        np.testing.assert_array_equal(loaded, x[::-1][5:20])
+        loaded[:] = 7.0
         np.testing.assert_array_equal(rows.range(0, 50).load(), x[::-1])
 
 
@@ -342,7 +350,7 @@ def test_float16_widening_is_numpy_s_bit_for_bit(tmp_path):
 @pytest.mark.parametrize("direct", [True, False])
 def test_scratch_file_reads_back_what_was_written_direct_or_buffered(rng, tmp_path, direct,
                                                                      monkeypatch):
-    monkeypatch.setattr(scratchfile, "STAGE_BYTES", 3 * scratchfile.ALIGN)  # reads cross stages
+    monkeypatch.setattr(scratchfile, "STAGE_BYTES", 3 * scratchfile.ALIGN)  # I/O crosses stages
     if not direct:  # a system without O_DIRECT (macOS): an ordinary buffered file, same bytes
         monkeypatch.delattr(os, "O_DIRECT", raising=False)
     directory = tmp_path
@@ -356,7 +364,9 @@ def test_scratch_file_reads_back_what_was_written_direct_or_buffered(rng, tmp_pa
         at, offsets = 0, []
         for a, b in pieces:
             offsets.append(at)
-            used = f.write(data[a:b], at)
+            # one array, or a list of them (an empty one too) across the staging buffer's end
+            parts = data[a:b] if b - a < 10_000 else [data[a : a + 9000], data[a:a], data[a + 9000 : b]]
+            used = f.write(parts, at)
             assert used % scratchfile.ALIGN == 0 and b - a <= used < b - a + scratchfile.ALIGN
             at += used
         for (a, b), offset in zip(pieces, offsets):

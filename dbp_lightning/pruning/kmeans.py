@@ -332,11 +332,13 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
             grouped = stack.enter_context(sort_rows(emb, index.order, memory_bytes, scratch_dir,
                                                     progress))
         whole = memory_bytes // (4 * 4 * emb.d)  # coarse cells of up to this many rows are held
+        # held in one buffer, reused cell after cell (fresh pages cost a fault each)
+        buffer = np.empty((int(sizes[mine & (sizes <= whole)].max(initial=0)), emb.d), np.float32)
         for c in tqdm(np.flatnonzero(mine), disable=not progress, desc="cells",
                       unit="coarse cell", leave=False):
             lo, hi = int(index.starts[c]), int(index.starts[c + 1])
             held = grouped.range(lo, hi)
-            held = held.load() if hi - lo <= whole else held  # else read block by block
+            held = held.load(out=buffer) if hi - lo <= whole else held  # else block by block
             fine = spherical_kmeans(emb.over(held),
                                     int(cells[c]), niter=niter, seed=seed * 1_000_003 + int(c),
                                     backend=backend)

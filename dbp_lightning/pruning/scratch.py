@@ -83,7 +83,7 @@ class SortedRows:
         self.emb, self.n, self.d = emb, n, emb.d
         self.raw_dtype = np.dtype(emb.x.dtype)
         self.row_bytes = self.d * self.raw_dtype.itemsize
-        self._memory, self._file = memory, file
+        self._memory, self._file, self._spare = memory, file, None
         # where the file holds each run of positions (a piece): int64 first positions
         # (increasing, from 0) and their byte offsets
         self._seg_pos, self._seg_at = segments or (np.zeros(1, np.int64), np.zeros(1, np.int64))
@@ -92,12 +92,19 @@ class SortedRows:
     def on_disk(self) -> bool:
         return self._file is not None
 
-    def raw(self, start: int, stop: int) -> np.ndarray:
+    def raw(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``start:stop`` (0 <= start <= stop <= n) as stored (raw dtype): a new array from
-        disk, a view when held in memory (read them through :class:`RowRange`, which copies)."""
-        if self._memory is not None:
+        disk, a view when held in memory (read them through :class:`RowRange`, which copies);
+        or the first ``stop - start`` rows of ``out`` (raw dtype, C-contiguous), filled."""
+        if out is not None:
+            out = out[: stop - start]
+            if self._memory is not None:
+                out[:] = self._memory[start:stop]
+                return out
+        elif self._memory is not None:
             return self._memory[start:stop]
-        out = np.empty((stop - start, self.d), self.raw_dtype)
+        else:
+            out = np.empty((stop - start, self.d), self.raw_dtype)
         if out.size == 0:
             return out
         i = int(np.searchsorted(self._seg_pos, start, side="right")) - 1
@@ -109,6 +116,12 @@ class SortedRows:
             at, i = end, i + 1
         return out
 
+    def spare(self, m: int) -> np.ndarray:
+        """A raw-dtype (m, d) buffer, kept and grown for :meth:`RowRange.load`'s reads."""
+        if self._spare is None or len(self._spare) < m:
+            self._spare = np.empty((m, self.d), self.raw_dtype)
+        return self._spare[:m]
+
     def range(self, start: int, stop: int) -> "RowRange":
         """Rows ``start:stop`` as a lazy float32 array-like (read on indexing)."""
         return RowRange(self, start, stop)
@@ -117,7 +130,7 @@ class SortedRows:
         if self._file is not None:
             self._file.close()
             self._file = None
-        self._memory = None
+        self._memory = self._spare = None
 
     def __enter__(self) -> "SortedRows":
         return self
@@ -145,9 +158,16 @@ class RowRange:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def load(self) -> np.ndarray:
-        """All the rows, float32 (M, d)."""
-        return self[:]
+    def load(self, out: np.ndarray | None = None) -> np.ndarray:
+        """All the rows, float32 (M, d). With ``out`` (float32, C-contiguous, at least M rows),
+        into its first M rows, through one raw buffer the :class:`SortedRows` keeps: a caller
+        loading cell after cell reuses its memory (fresh pages cost a fault each, and on a
+        virtual machine far more than the read)."""
+        if out is None:
+            return self[:]
+        rows, out = self.rows, out[: len(self)]
+        raw = out if rows.raw_dtype == np.float32 else rows.spare(len(self))
+        return rows.emb._finish(rows.raw(self.start, self.stop, out=raw), out)
 
     def __getitem__(self, item):
         """A slice (step 1), an integer, or a 1-D integer array of rows, as NumPy reads them
@@ -299,10 +319,9 @@ class _Pieces:
             self.flush(key)
 
     def flush(self, key: int) -> None:
-        rows = np.concatenate(self.pending[key])
         self.pieces.append((key, int(self.written[key]), self.end))
-        self.end += self.file.write(rows, self.end)
-        self.written[key] += len(rows)
+        self.end += self.file.write(self.pending[key], self.end)  # no concatenated copy
+        self.written[key] += self.held[key]
         self.pending[key], self.held[key] = [], 0
 
     def segments(self, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -80,28 +80,41 @@ class ScratchFile:
             raise
         self.direct = _set_direct(fd, True)
 
-    def write(self, array: np.ndarray, offset: int) -> int:
-        """Write ``array``'s bytes at ``offset`` (a multiple of :data:`ALIGN`); returns the bytes
-        the write occupies, its length padded to a multiple of :data:`ALIGN`."""
+    def write(self, arrays, offset: int) -> int:
+        """Write the bytes of an array, or of a list of arrays one after another (no
+        concatenated copy), at ``offset`` (a multiple of :data:`ALIGN`); returns the bytes the
+        write occupies, its length padded to a multiple of :data:`ALIGN`."""
         if offset % ALIGN:
             raise ValueError(f"scratch writes start at multiples of {ALIGN} bytes, not {offset}")
-        data = memoryview(np.ascontiguousarray(array)).cast("B")
+        views = [memoryview(np.ascontiguousarray(a)).cast("B")
+                 for a in (arrays if isinstance(arrays, (list, tuple)) else [arrays])]
+        total = sum(len(v) for v in views)
         if not self.direct:
-            _write_all(self.fd, data, offset)
-            return padded(len(data))
-        stage = self._staging()
+            at = offset
+            for v in views:
+                _write_all(self.fd, v, at)
+                at += len(v)
+            return padded(total)
+        stage, filled, at = self._staging(), 0, offset
         try:
-            for at in range(0, len(data), STAGE_BYTES):
-                part = data[at : at + STAGE_BYTES]
-                stage[: len(part)] = part
-                stage[len(part) : padded(len(part))] = 0
-                _write_all(self.fd, memoryview(stage)[: padded(len(part))], offset + at)
+            for v in views:  # packed into the staging buffer, written a full buffer at a time
+                done = 0
+                while done < len(v):
+                    take = min(len(v) - done, STAGE_BYTES - filled)
+                    stage[filled : filled + take] = v[done : done + take]
+                    filled, done = filled + take, done + take
+                    if filled == STAGE_BYTES:
+                        _write_all(self.fd, memoryview(stage), at)
+                        at, filled = at + STAGE_BYTES, 0
+            if filled:
+                stage[filled : padded(filled)] = 0
+                _write_all(self.fd, memoryview(stage)[: padded(filled)], at)
         except OSError as exc:  # a file system that took O_DIRECT but wants other alignments
             if exc.errno != errno.EINVAL:
                 raise
             self.direct = _set_direct(self.fd, False)
-            return self.write(array, offset)
-        return padded(len(data))
+            return self.write(arrays, offset)
+        return padded(total)
 
     def read(self, out: np.ndarray, offset: int) -> None:
         """Fill C-contiguous ``out`` with the bytes at ``offset`` (any offset)."""
