@@ -46,6 +46,11 @@ class KMeansResult(NamedTuple):
     n_iter: int
 
 
+#: rows whose similarities :class:`_Nearest` computes at once: a gather of their centroids as
+#: large as the block (100 MB for a 10M pool's coarse cell) would take fresh pages each time
+_SIM_ROWS = 4096
+
+
 class _Nearest:
     """Each row's nearest centroid, exactly (see :mod:`.exact`), faiss giving the estimate.
 
@@ -78,7 +83,11 @@ class _Nearest:
     def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Assignment int64 (B,) and similarity float32 (B,) of float32 rows (B, d)."""
         ids = self.nearest(block)
-        return ids, row_sims(block, self.centroids[ids])
+        sims = np.empty(len(block), np.float32)
+        for s in range(0, len(block), _SIM_ROWS):  # centroids gathered a few MiB at a time
+            sims[s : s + _SIM_ROWS] = row_sims(block[s : s + _SIM_ROWS],
+                                               self.centroids[ids[s : s + _SIM_ROWS]])
+        return ids, sims
 
     def nearest(self, block: np.ndarray) -> np.ndarray:
         """Assignment int64 (B,) of float32 rows (B, d)."""
