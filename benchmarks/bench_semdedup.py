@@ -7,8 +7,10 @@ On a bench_scale store (``benchmarks/bench_scale.py`` writes them), times
   and with both pools' idle threads spinning (``OMP_WAIT_POLICY=ACTIVE``,
   ``OPENBLAS_THREAD_TIMEOUT=30``), each the median of ``--repeats``;
 - once under cProfile, its time split into the named parts of the README's list;
-- then two parts alone: widening float16 (NumPy's kernel against torch's) and one fine k-means
-  of a 10M pool's coarse-cell size, and the RssAnon that ``import torch`` adds.
+- then parts alone: widening float16 (NumPy's kernel against torch's) and one fine k-means
+  of a 10M pool's coarse-cell size, the RssAnon that ``import torch`` adds, a coarse cell
+  widened into fresh memory and into a kept buffer, and 1 GB of scratch written and read back
+  through the page cache and direct (in the store's directory).
 
 Run at a given commit, the first row is that commit's time for one partition: the README's
 per-change figures are that row at successive commits.
@@ -19,6 +21,7 @@ per-change figures are that row at successive commits.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -78,7 +81,7 @@ def parts_alone(store: str) -> None:
     import torch
 
     from dbp_lightning.pruning import kmeans
-    from dbp_lightning.pruning.embeddings import as_embeddings
+    from dbp_lightning.pruning.embeddings import as_embeddings, as_float32
     from dbp_lightning.store import EmbeddingStore
 
     def median_s(f, repeats):
@@ -100,8 +103,42 @@ def parts_alone(store: str) -> None:
              "a = _status()['RssAnon']; import torch; print(_status()['RssAnon'] - a)")
     grew = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                                 check=True).stdout.split()[-1])
+    # a 10M pool's coarse cell (100,000 float16 rows) widened into a fresh array and into a kept one
+    cell = np.asarray(emb.x[0 : min(emb.n, 100_000)])
+    kept = np.empty(cell.shape, np.float32)
+    fresh_ms = median_s(lambda: as_float32(cell), 5) * 1e3
+    kept_ms = median_s(lambda: as_float32(cell, kept), 5) * 1e3
     print(json.dumps({"widen_numpy_ns": numpy_ns, "widen_torch_ns": torch_ns, "d": emb.d,
-                      "fine_kmeans_s": fine, "torch_import_anon_mib": grew}))
+                      "fine_kmeans_s": fine, "torch_import_anon_mib": grew,
+                      "cell_fresh_ms": fresh_ms, "cell_kept_ms": kept_ms,
+                      **scratch_write_rates(os.path.dirname(store))}))
+
+
+def scratch_write_rates(directory: str, gb: float = 1.0) -> dict:
+    """GB/s of writing ``gb`` GB of rows to a scratch file in 8 MiB pieces, then reading them
+    back, through the page cache and direct (what ``ScratchFile`` chooses where it can)."""
+    import time
+    from unittest import mock
+
+    from dbp_lightning.pruning import scratchfile
+
+    piece = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8)
+    count = int(gb * 1e9) // piece.nbytes
+    out = {}
+    for name, direct in (("buffered", False), ("direct", True)):
+        with mock.patch.object(scratchfile, "_set_direct", lambda fd, on: False) if not direct \
+                else contextlib.nullcontext(), scratchfile.ScratchFile(directory, count * piece.nbytes) as f:
+            assert f.direct == direct, "this file system takes no O_DIRECT"
+            t = time.perf_counter()
+            for i in range(count):
+                f.write(piece, i * piece.nbytes)
+            out[f"{name}_write_gbs"] = count * piece.nbytes / (time.perf_counter() - t) / 1e9
+            back = np.empty_like(piece)
+            t = time.perf_counter()
+            for i in range(count):
+                f.read(back, i * piece.nbytes)
+            out[f"{name}_read_gbs"] = count * piece.nbytes / (time.perf_counter() - t) / 1e9
+    return out
 
 
 def run(store: str, env: dict, profile: bool = False) -> dict:
@@ -148,6 +185,11 @@ def main() -> None:
     print(f"| float16 -> float32, torch's kernel (as_float32) | {alone['widen_torch_ns']:.2f} ns a value |")
     print(f"| one fine k-means: 100,000 x {alone['d']} rows, k = 100, 10 iterations | {alone['fine_kmeans_s']:.2f} s |")
     print(f"| RssAnon added by `import torch` | {alone['torch_import_anon_mib']:.0f} MiB |")
+    print(f"| one coarse cell (100,000 float16 rows) widened into a fresh array | {alone['cell_fresh_ms']:.1f} ms |")
+    print(f"| the same into a kept array (RowRange.load(out=)) | {alone['cell_kept_ms']:.1f} ms |")
+    for name in ("buffered", "direct"):
+        print(f"| 1 GB of scratch, {name}: write, read back | {alone[f'{name}_write_gbs']:.2f}, "
+              f"{alone[f'{name}_read_gbs']:.2f} GB/s |")
 
 
 if __name__ == "__main__":

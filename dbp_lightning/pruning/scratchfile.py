@@ -3,8 +3,8 @@ and written past the page cache where the file system allows it.
 
 Sorted rows are written once and read once, so caching them gains nothing, and a pool larger
 than memory makes the kernel throttle buffered writes to its write-back rate: on this project's
-benchmark machine, 0.18 GB/s buffered against 2.6 GB/s direct, reads 2 GB/s direct
-(``benchmarks/bench_scale.py``). So the file is opened with ``O_DIRECT`` when the file system
+benchmark machine a few tenths of a GB/s buffered against 2-3 GB/s direct
+(``benchmarks/bench_semdedup.py``'s parts alone). So the file is opened with ``O_DIRECT`` when the file system
 takes it (tmpfs and some others do not: then it is an ordinary buffered file, same bytes).
 Direct I/O needs aligned offsets, lengths and buffers: every write starts at a multiple of
 :data:`ALIGN` and is padded to one, and reads go through an aligned staging buffer.
