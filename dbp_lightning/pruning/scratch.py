@@ -45,7 +45,7 @@ def scratch_bytes(n: int, d: int, dtype, memory_bytes: int = DEFAULT_MEMORY_BYTE
     :data:`~.scratchfile.ALIGN` blocks (at most one block a piece)."""
     row_bytes = int(d) * np.dtype(dtype).itemsize
     keys = _buckets(n, row_bytes, memory_bytes) if cells is None else cells
-    return int(n) * row_bytes + _padding(n, keys, _capacity(n, row_bytes, memory_bytes, keys))
+    return int(n) * row_bytes + _padding(n, keys, _capacity(row_bytes, memory_bytes, keys))
 
 
 def _quarter(row_bytes: int, memory_bytes: int) -> int:
@@ -57,7 +57,7 @@ def _buckets(m: int, row_bytes: int, memory_bytes: int) -> int:
     return -(-int(m) // _quarter(row_bytes, memory_bytes))
 
 
-def _capacity(n: int, row_bytes: int, memory_bytes: int, keys: int) -> int:
+def _capacity(row_bytes: int, memory_bytes: int, keys: int) -> int:
     """Rows one key (cell or bucket) buffers before its piece is written: its share of a
     quarter of the budget, and at least a block's worth (so padding at most doubles a piece)."""
     return max(-(-ALIGN // row_bytes), _quarter(row_bytes, memory_bytes) // max(1, keys))
@@ -229,7 +229,7 @@ def sort_rows(emb: Embeddings, order: np.ndarray, memory_bytes: int = DEFAULT_ME
     buckets = _buckets(m, row_bytes, memory_bytes)
     with _scratch_file(scratch_dir, scratch_bytes(m, emb.d, emb.x.dtype, memory_bytes)) as file:
         # one pass over the pool: each bucket's rows, in row order, written in pieces
-        pieces = _Pieces(file, buckets, _capacity(m, row_bytes, memory_bytes, buckets))
+        pieces = _Pieces(file, buckets, _capacity(row_bytes, memory_bytes, buckets))
         _scatter(emb, order, bucket, pieces, progress)
         out = SortedRows(emb, m, file=file, segments=pieces.segments(np.arange(buckets) * bucket))
         pos, at = out._seg_pos, out._seg_at
@@ -272,7 +272,7 @@ def group_rows(emb: Embeddings, cells_of, n_cells: int, memory_bytes: int = DEFA
     with (_scratch_file(scratch_dir, scratch_bytes(emb.n, emb.d, emb.x.dtype, memory_bytes,
                                                    n_cells))
           if on_disk else contextlib.nullcontext()) as file:
-        pieces = _Pieces(file, n_cells, _capacity(emb.n, row_bytes, memory_bytes, n_cells)
+        pieces = _Pieces(file, n_cells, _capacity(row_bytes, memory_bytes, n_cells)
                          if on_disk else emb.n)
         step = emb.block_size
         wide = np.empty((min(step, emb.n), emb.d), np.float32)  # reused: no fresh pages a block
