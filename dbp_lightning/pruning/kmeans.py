@@ -261,6 +261,12 @@ def _normalised(v: np.ndarray) -> np.ndarray:
 FLAT_MAX_K = 1024
 
 
+def coarse_cells(k: int) -> int | None:
+    """The first level's cells of :func:`partition_kmeans` with ``k`` cells, ``ceil(sqrt(k))``;
+    None when it is flat (``k <= FLAT_MAX_K``)."""
+    return int(np.ceil(np.sqrt(k))) if k > FLAT_MAX_K else None
+
+
 def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | None = None,
                      gpu: str | bool = "auto", progress: bool = False, comm=None,
                      backend: str | Backend = "auto", memory_bytes: int | None = None,
@@ -308,7 +314,7 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
 
     comm = comm or Local()
     memory_bytes = memory_bytes or DEFAULT_MEMORY_BYTES
-    k1 = int(np.ceil(np.sqrt(k)))
+    k1 = coarse_cells(k)
     backend = resolve_backend(backend, gpu, comm.local_rank)
     grouped = None
     if comm.world_size == 1:  # one pass over the pool assigns the coarse cells and groups by them

@@ -162,8 +162,8 @@ def _prune(x, config: PruneConfig, metadata: pa.Table | None, progress: bool, co
     memory = int(config.memory_gb * 2**30)
     scratch = 0
     if "semdedup" in config.stages:  # the rows sorted by cell, on disk unless they fit in memory
-        k = config.semdedup.k  # two levels: the pool grouped by its sqrt(k) coarse cells
-        cells = int(np.ceil(np.sqrt(k))) if k > kmeans.FLAT_MAX_K and comm.world_size == 1 else None
+        # in one process, two levels group the pool by coarse cell; otherwise it is sorted
+        cells = kmeans.coarse_cells(config.semdedup.k) if comm.world_size == 1 else None
         scratch = scratch_bytes(n, emb.d, emb.x.dtype, memory, cells)
         scratch = scratch if 4 * scratch > memory else 0
         # checked even when the pool fits: a coarse cell too large for the budget still sorts
