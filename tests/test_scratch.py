@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import unit_rows
 from dbp_lightning.config import PruneConfig, SelectConfig, SemDeDupConfig
@@ -132,6 +134,59 @@ def test_sorted_rows_read_back_as_a_gather_would(rng, tmp_path, memory_rows, mon
     assert scratch_fds(tmp_path) == []
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 9), max_size=30), st.integers(1, 12))
+def test_runs_are_the_greedy_cut_of_whole_cells(sizes, limit):
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    if max(sizes, default=0) > limit:
+        with pytest.raises(ValueError, match=f"a cell holds {max(sizes)} rows, more than a run's {limit}"):
+            scratch.run_bounds(starts, limit)
+        return
+    bounds = scratch.run_bounds(starts, limit)
+    # brute force: from each bound, the last cell bound within limit rows
+    expected, at = [0], 0
+    while at < starts[-1]:
+        at = max(int(b) for b in starts if at < b <= at + limit)
+        expected.append(at)
+    assert bounds.tolist() == expected
+    assert set(bounds.tolist()) <= set(starts.tolist()) and np.all(np.diff(bounds) <= limit)
+
+
+@pytest.mark.parametrize("memory_rows", [7, 40, 10**6])
+def test_runs_of_sorted_rows_are_the_gathered_rows(rng, tmp_path, memory_rows):
+    """sorted_runs: each run's rows, put in order by its rank, are the rows a gather gives, on
+    disk (7 rows: runs of one or two cells; 40: several cells a run) or in memory; the file is
+    gone when the runs are done and when they are left early."""
+    x = pool_with_copies(rng, n=500)
+    with pytest.warns(UserWarning, match="not L2-normalised"):
+        emb = Embeddings(x, block_size=37)
+    sizes = rng.integers(0, 8, 80)  # cells of at most 7 rows, empty ones too
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    order = rng.permutation(500)[: starts[-1]]  # part of the pool, in any order
+    limit = min(memory_rows, 40)
+    bounds = scratch.run_bounds(starts, limit)
+    memory = 4 * memory_rows * x.shape[1] * x.itemsize
+    seen, on_disk = [], memory_rows < len(order)  # else one run of them all
+    for lo, hi, raw, rank in scratch.sorted_runs(emb, order, bounds, memory, tmp_path):
+        assert os.listdir(tmp_path) == [] and len(scratch_fds(tmp_path)) == on_disk
+        np.testing.assert_array_equal(raw[: hi - lo][rank], x[order[lo:hi]])
+        seen.append((lo, hi))
+        reserved = [os.fstat(int(fd)).st_size for fd in os.listdir("/proc/self/fd")
+                    if os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(tmp_path))]
+        # within what the pipeline states for SemDeDup up front (its bound on the runs)
+        assert len(reserved) == on_disk and max(reserved, default=0) <= semdedup.scratch_need(
+            len(order), x.shape[1], x.dtype, memory, semdedup.kmeans.FLAT_MAX_K)
+    assert seen == (list(zip(bounds[:-1].tolist(), bounds[1:].tolist())) if on_disk
+                    else [(0, len(order))])
+    assert scratch_fds(tmp_path) == []
+    runs = scratch.sorted_runs(emb, order, bounds, memory, tmp_path)
+    next(runs)
+    runs.close()  # left after the first run
+    assert scratch_fds(tmp_path) == []
+    with pytest.raises(ValueError, match="more than a quarter of memory_bytes"):
+        next(scratch.sorted_runs(emb, order, np.array([0, len(order)]), 4 * 8 * x.shape[1] * 2))
+
+
 def test_rows_read_are_the_callers_to_write_to(rng):
     x = unit_rows(rng, 50, 4)  # float32, unit norm: reads need no conversion, views are possible
     with scratch.sort_rows(Embeddings(x), np.arange(50)[::-1].copy(), 1 << 30) as rows:
@@ -167,6 +222,35 @@ def test_out_of_core_duplicate_similarity_is_the_same_bytes(rng, tmp_path):
                                     memory_bytes=tiny, scratch_dir=tmp_path, backend="torch")
     np.testing.assert_array_equal(on_torch[0], held[0])
     np.testing.assert_array_equal(on_torch[1], held[1])
+    assert scratch_fds(tmp_path) == [] and os.listdir(tmp_path) == []
+
+
+def test_cells_held_in_runs_and_cells_read_in_blocks_give_the_same_bytes(rng, tmp_path,
+                                                                        monkeypatch):
+    """A budget between the cells' sizes: the small cells go through runs of whole cells on
+    disk, the large ones through the sorted file block by block; the result is the one held
+    in memory, and the brute-force definition."""
+    x = pool_with_copies(rng, n=1500, d=8, float16=False)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    weights = 0.8 ** np.arange(40)
+    assignment = rng.choice(40, 1500, p=weights / weights.sum())  # cells of 1 to ~300 rows
+    key = rng.uniform(0, 1, 1500).astype(np.float32)
+    memory = 4 * 4 * 8 * 60  # 60 float32 rows held whole
+    sizes = np.bincount(assignment)
+    assert (sizes > 60).sum() >= 3 and ((sizes > 1) & (sizes <= 60)).sum() >= 10
+    assert sizes[sizes <= 60].sum() > 60  # the held cells' runs are on disk
+    calls = []
+    for name in ("sort_rows", "sorted_runs"):
+        real = getattr(semdedup, name)
+        monkeypatch.setattr(semdedup, name, lambda *a, _real=real, _name=name, **k:
+                            (calls.append(_name), _real(*a, **k))[1])
+    small = duplicate_similarity(x, assignment, key, block_size=64, return_partner=True,
+                                 memory_bytes=memory, scratch_dir=tmp_path)
+    assert sorted(calls) == ["sort_rows", "sorted_runs"]
+    held = duplicate_similarity(x, assignment, key, block_size=64, return_partner=True)
+    np.testing.assert_array_equal(small[0], held[0])
+    np.testing.assert_array_equal(small[1], held[1])
+    np.testing.assert_allclose(small[0], brute_duplicate_similarity(x, assignment, key), atol=1e-5)
     assert scratch_fds(tmp_path) == [] and os.listdir(tmp_path) == []
 
 
@@ -213,6 +297,7 @@ def test_prune_out_of_core_gives_the_selection_bytes_held_in_memory(stored_pool,
     def spy_sort(*args, **kwargs):
         rows = real_sort(*args, **kwargs)
         sorts.append((rows.n, rows.on_disk, len(scratch_fds(tmp_path))))
+        reserved.append(os.fstat(rows._file.fd).st_size if rows.on_disk else 0)
         return rows
 
     def spy_group(*args, **kwargs):
@@ -241,9 +326,10 @@ def test_prune_out_of_core_gives_the_selection_bytes_held_in_memory(stored_pool,
     assert held.selection.equals(small.selection)
     assert held.clusters.equals(small.clusters)
     stage = small.report["stages"][0]
-    # the figure stated up front is the file the grouping reserved: the float16 rows, and the
-    # padding of its pieces to whole blocks for direct I/O
-    assert stage["scratch_bytes"] == reserved[-1] >= 6000 * 32 * 2
+    # the figure stated up front bounds every file reserved, one at a time: the float16 rows,
+    # and the padding of their pieces to whole blocks for direct I/O
+    assert stage["scratch_bytes"] == semdedup.scratch_need(6000, 32, np.float16, 2**14, 40)
+    assert stage["scratch_bytes"] >= max(reserved) >= 6000 * 32 * 2
     assert held.report["stages"][0]["scratch_bytes"] == 0
     assert scratch_fds(tmp_path) == [] and os.listdir(tmp_path) == []
 
@@ -275,8 +361,8 @@ def test_a_disk_without_room_is_refused_before_any_stage(stored_pool, tmp_path, 
     monkeypatch.setattr(scratchfile.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     monkeypatch.setattr(P, "semdedup_passes", lambda *a, **k: pytest.fail("a stage ran"))
     # 0.38 MB of float16 rows, and pieces of at least a 4 KiB block each, padded to whole blocks
-    need = scratch.scratch_bytes(6000, 32, np.float16, 2**14)
-    assert 6000 * 32 * 2 < need < 4 * 6000 * 32 * 2
+    need = semdedup.scratch_need(6000, 32, np.float16, 2**14, 40)
+    assert 6000 * 32 * 2 < need < 8 * 6000 * 32 * 2
     with pytest.raises(ValueError, match=f"scratch_dir {tmp_path}: the sorted rows need "
                                          f"{need / 1e6:.1f} MB and 0.0 MB are free; set scratch_dir"):
         prune(EmbeddingStore(stored_pool), two_level_config(memory_gb=2**-16,

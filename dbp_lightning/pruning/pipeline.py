@@ -23,13 +23,11 @@ from .collective import Local
 from .complexity import cluster_complexity
 from .embeddings import Embeddings, as_embeddings
 from .backend import resolve_backend
-from . import kmeans
 from .kmeans import spherical_kmeans
 from .quotas import dbp_quotas, softmax_probabilities
 from .select import dbp_select, random_select, ssp_select
-from .scratch import scratch_bytes
 from .scratchfile import check_scratch
-from .semdedup import semdedup_passes, threshold_for_fraction
+from .semdedup import scratch_need, semdedup_passes, threshold_for_fraction
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +160,7 @@ def _prune(x, config: PruneConfig, metadata: pa.Table | None, progress: bool, co
     memory = int(config.memory_gb * 2**30)
     scratch = 0
     if "semdedup" in config.stages:  # the rows sorted by cell, on disk unless they fit in memory
-        # in one process, two levels group the pool by coarse cell; otherwise it is sorted
-        cells = kmeans.coarse_cells(config.semdedup.k) if comm.world_size == 1 else None
-        scratch = scratch_bytes(n, emb.d, emb.x.dtype, memory, cells)
+        scratch = scratch_need(n, emb.d, emb.x.dtype, memory, config.semdedup.k, comm.world_size)
         scratch = scratch if 4 * scratch > memory else 0
         # checked even when the pool fits: a coarse cell too large for the budget still sorts
         where = check_scratch(config.scratch_dir, scratch)

@@ -10,7 +10,9 @@ consecutive positions in one sequential pass, then each bucket is put in order i
 that every cell is then one contiguous read, as SemDeDup's public code does with one file per
 cluster. When the cells are found by a pass over the pool anyway (the two-level partition's
 coarse assignment), :func:`group_rows` writes the rows grouped by cell in that same pass, in
-per-cell pieces, and nothing is read twice.
+per-cell pieces, and nothing is read twice. When the cells are visited once, in order, and each
+fits in memory (SemDeDup's), :func:`sorted_runs` scatters the rows to one bucket per run of
+whole cells and hands each run over as it is read back, with no second sorted write.
 
 The memory budget sets every buffer: the sort's blocks and buckets, and which cells are read
 whole (the others are read in blocks by :class:`RowRange`). When the sorted rows fit in a
@@ -230,7 +232,7 @@ def sort_rows(emb: Embeddings, order: np.ndarray, memory_bytes: int = DEFAULT_ME
     with _scratch_file(scratch_dir, scratch_bytes(m, emb.d, emb.x.dtype, memory_bytes)) as file:
         # one pass over the pool: each bucket's rows, in row order, written in pieces
         pieces = _Pieces(file, buckets, _capacity(row_bytes, memory_bytes, buckets))
-        _scatter(emb, order, bucket, pieces, progress)
+        _scatter(emb, order, np.arange(0, m, bucket), bucket, pieces, progress)
         out = SortedRows(emb, m, file=file, segments=pieces.segments(np.arange(buckets) * bucket))
         pos, at = out._seg_pos, out._seg_at
         for lo in range(0, m, bucket):  # each bucket put in order, back into its own pieces
@@ -241,6 +243,78 @@ def sort_rows(emb: Embeddings, order: np.ndarray, memory_bytes: int = DEFAULT_ME
                 file.write(block[int(pos[i]) - lo : end - lo], int(at[i]))
             del block  # two buckets at most are alive: the one read and its permuted copy
     return out
+
+
+def run_bounds(starts: np.ndarray, limit: int) -> np.ndarray:
+    """Cut positions into runs of whole cells of at most ``limit`` rows each, greedily.
+
+    Args:
+        starts: int (C + 1,) increasing cell bounds from 0 (a cluster index's ``starts``;
+            empty cells repeat a bound); no cell may hold more than ``limit`` rows.
+        limit: most rows of a run.
+
+    Returns:
+        int64 (R + 1,) run bounds, from 0 to ``starts[-1]``, each a cell bound.
+    """
+    starts = np.unique(np.asarray(starts, np.int64))
+    if np.diff(starts).max(initial=0) > limit:
+        raise ValueError(f"a cell holds {int(np.diff(starts).max())} rows, more than a run's "
+                         f"{limit}")
+    bounds, at, end = [0], 0, int(starts[-1]) if len(starts) else 0
+    while at < end:
+        at = int(starts[np.searchsorted(starts, at + limit, side="right") - 1])
+        bounds.append(at)
+    return np.asarray(bounds, np.int64)
+
+
+def sorted_runs(emb: Embeddings, order: np.ndarray, bounds: np.ndarray,
+                memory_bytes: int = DEFAULT_MEMORY_BYTES,
+                scratch_dir: str | os.PathLike | None = None, progress: bool = False):
+    """Rows ``order`` of ``emb`` in that order, handed over one run of positions at a time.
+
+    For a pass that visits the sorted rows once, in order (SemDeDup's cells): the rows are
+    scattered to one bucket per run as :func:`sort_rows` scatters them, and each run is then
+    read back whole and put in order in memory, with none of the second write and read that
+    :func:`sort_rows` makes for reads in any order.
+
+    Args:
+        emb, order, memory_bytes, scratch_dir, progress: as :func:`sort_rows`.
+        bounds: int (R + 1,) run bounds from 0 to ``len(order)``, increasing
+            (:func:`run_bounds`); a run holds at most a quarter of the budget's rows.
+
+    Yields:
+        ``(lo, hi, rows, rank)``: positions ``lo:hi``, their rows as ``emb`` stores them (raw
+        dtype, (hi - lo, d)) in pool order, and int64 (hi - lo,) ``rank``: position ``lo + i``
+        is ``rows[rank[i]]`` (a caller gathers each cell it visits, small and in cache, rather
+        than the whole run). ``rows`` is reused for the next run. When all the rows fit in a
+        quarter of the budget, one run of them all and no file. Close the generator
+        (``contextlib.closing``) to free the file early.
+    """
+    order, bounds = np.asarray(order, np.int64), np.asarray(bounds, np.int64)
+    m, row_bytes = len(order), emb.d * np.dtype(emb.x.dtype).itemsize
+    bucket = _quarter(row_bytes, memory_bytes)
+    if bounds[0] != 0 or bounds[-1] != m or np.any(np.diff(bounds) <= 0):
+        raise ValueError(f"run bounds must increase from 0 to {m}")
+    if np.diff(bounds).max(initial=0) > bucket:
+        raise ValueError(f"a run of {int(np.diff(bounds).max())} rows is more than a quarter "
+                         f"of memory_bytes ({bucket} rows)")
+    if m <= bucket:
+        if m:
+            yield 0, m, np.asarray(emb.x[np.sort(order)]), _inverse(order)
+        return
+    runs = len(bounds) - 1
+    with _scratch_file(scratch_dir, scratch_bytes(m, emb.d, emb.x.dtype, memory_bytes,
+                                                  runs)) as file:
+        try:
+            pieces = _Pieces(file, runs, _capacity(row_bytes, memory_bytes, runs))
+            _scatter(emb, order, bounds[:-1], bucket, pieces, progress)
+            rows = SortedRows(emb, m, file=file, segments=pieces.segments(bounds[:-1]))
+            del pieces
+            read = np.empty((bucket, emb.d), rows.raw_dtype)  # kept: no fresh pages a run
+            for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+                yield lo, hi, rows.raw(lo, hi, out=read), _inverse(order[lo:hi])
+        finally:
+            file.close()
 
 
 def group_rows(emb: Embeddings, cells_of, n_cells: int, memory_bytes: int = DEFAULT_MEMORY_BYTES,
@@ -361,25 +435,26 @@ def _inverse(rows: np.ndarray) -> np.ndarray:
     return rank
 
 
-def _scatter(emb: Embeddings, order: np.ndarray, bucket: int, pieces: _Pieces,
-             progress: bool) -> None:
-    """One pass over the pool in row order: each row goes to the bucket of its position, and
-    a bucket's rows are appended in row order (a stable sort of each block by bucket)."""
+def _scatter(emb: Embeddings, order: np.ndarray, firsts: np.ndarray, block: int,
+             pieces: _Pieces, progress: bool) -> None:
+    """One pass over the pool in row order, ``block`` rows a read: each row goes to the bucket
+    of its position (bucket ``i`` holds positions from ``firsts[i]``, increasing, to the next),
+    and a bucket's rows are appended in row order (a stable sort of each block by bucket)."""
     position = np.full(emb.n, -1, np.int64)
     position[order] = np.arange(len(order))
     with tqdm(total=emb.n, disable=not progress, desc="sort rows", unit="row", leave=False) as bar:
-        for start in range(0, emb.n, bucket):
-            stop = min(start + bucket, emb.n)
+        for start in range(0, emb.n, block):
+            stop = min(start + block, emb.n)
             pos = position[start:stop]
             wanted = np.flatnonzero(pos >= 0)
             bar.update(stop - start)
             if wanted.size == 0:  # none of this block's rows is wanted
                 continue
-            ids = pos[wanted] // bucket
+            ids = np.searchsorted(firsts, pos[wanted], side="right") - 1
             by_bucket = np.argsort(ids, kind="stable")
             ids = ids[by_bucket]
-            block = np.asarray(emb.x[start:stop])[wanted[by_bucket]]
+            rows = np.asarray(emb.x[start:stop])[wanted[by_bucket]]
             cuts = np.flatnonzero(np.diff(ids)) + 1
             for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(ids)]])):
-                pieces.add(int(ids[lo]), block[lo:hi].copy())  # a copy: the block is let go
-            del block  # before the next block is read
+                pieces.add(int(ids[lo]), rows[lo:hi].copy())  # a copy: the block is let go
+            del rows  # before the next block is read

@@ -21,6 +21,7 @@ and still misses them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -32,7 +33,7 @@ from .embeddings import as_embeddings
 from . import exact, kmeans
 from .exact import SLACK, dot_bound, exact_argmax, first_twin, max_norm, row_sims, top2_update
 from .groups import cluster_index
-from .scratch import DEFAULT_MEMORY_BYTES, sort_rows
+from .scratch import DEFAULT_MEMORY_BYTES, run_bounds, scratch_bytes, sort_rows, sorted_runs
 
 #: duplicate similarity of a cluster's first-ranked member (nothing ranked before it).
 NO_EARLIER = -1.0
@@ -59,10 +60,11 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
             clusters (balanced by pairs, M**2) and every rank gets all N results.
         backend: "auto", "faiss" or "torch": where the block similarities run
             (:mod:`.backend`: faiss means NumPy's BLAS here); the result is the same bytes.
-        memory_bytes: working memory. The rows are first written in cell order
-            (:func:`~.scratch.sort_rows`, to ``scratch_dir`` unless they fit in a quarter of
-            it), so that each cell is one contiguous read; a cell whose float32 rows fit in a
-            quarter is read whole, a larger one block by block. Similarity blocks are at most
+        memory_bytes: working memory. A cell whose float32 rows fit in a quarter of it is
+            held whole: such cells are read in runs of whole cells, each run a quarter of the
+            budget at most (:func:`~.scratch.sorted_runs`: one scatter to ``scratch_dir``
+            unless they all fit in memory). Larger cells are sorted into rank order on disk
+            (:func:`~.scratch.sort_rows`) and read block by block. Similarity blocks are at most
             ``block_size`` rows and fit in an eighth of it.
         scratch_dir: where the sorted rows go (None: ``$TMPDIR``); needs the rows' stored bytes.
 
@@ -93,21 +95,41 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
     sizes = np.bincount(assignment)
     owner = owners(sizes.astype(np.float64) ** 2, comm.world_size)
     mine = (owner == comm.rank) & (sizes > 1)
-    # this rank's cells' rows only, each cell in rank order (the same order as an index of all)
-    index = cluster_index(assignment, sim_to_centroid, len(sizes),
-                          rows=np.flatnonzero(mine[assignment]))
     block_size, not_before, whole = _blocks(block_size, memory_bytes, emb.d)
     # rows another rank handles hold max's identity until the reduction fills them in
     out = np.full(emb.n, -np.inf, np.float32)
     partner = np.full(emb.n, -1, np.int64)
-    with sort_rows(emb, index.order, memory_bytes, scratch_dir, progress) as ranked:
-        for c in tqdm(np.flatnonzero(mine), disable=not progress, desc="semdedup",
-                      unit="cluster", leave=False):
-            lo, hi = int(index.starts[c]), int(index.starts[c + 1])
-            rows = index.order[lo:hi]
-            xc = ranked.range(lo, hi)
-            xc = xc.load() if hi - lo <= whole else xc  # else read block by block
-            out[rows], partner[rows] = _cell_duplicates(xc, rows, block_size, not_before, backend)
+    held = mine & (sizes <= whole)
+    with tqdm(total=int(mine.sum()), disable=not progress, desc="semdedup", unit="cluster",
+              leave=False) as bar:
+        # cells held whole: sorted in runs of cells, each run read once and visited in memory
+        index = cluster_index(assignment, sim_to_centroid, len(sizes),
+                              rows=np.flatnonzero(held[assignment]))
+        cells = np.flatnonzero(held)
+        firsts = index.starts[cells]
+        runs = sorted_runs(emb, index.order, run_bounds(index.starts, whole), memory_bytes,
+                           scratch_dir, progress)
+        with contextlib.closing(runs):
+            for lo, hi, raw, rank in runs:
+                for c in cells[np.searchsorted(firsts, lo) : np.searchsorted(firsts, hi)]:
+                    a, b = int(index.starts[c]), int(index.starts[c + 1])
+                    rows = index.order[a:b]
+                    xc = emb._finish(raw[rank[a - lo : b - lo]])  # gathered: a new array
+                    out[rows], partner[rows] = _cell_duplicates(xc, rows, block_size,
+                                                                not_before, backend)
+                    bar.update()
+        # cells too large to hold: sorted into rank order on disk, read block by block
+        large = mine & ~held
+        index = cluster_index(assignment, sim_to_centroid, len(sizes),
+                              rows=np.flatnonzero(large[assignment]))
+        with (sort_rows(emb, index.order, memory_bytes, scratch_dir, progress) if large.any()
+              else contextlib.nullcontext()) as ranked:
+            for c in np.flatnonzero(large):
+                lo, hi = int(index.starts[c]), int(index.starts[c + 1])
+                rows = index.order[lo:hi]
+                out[rows], partner[rows] = _cell_duplicates(ranked.range(lo, hi), rows,
+                                                            block_size, not_before, backend)
+                bar.update()
     out = np.maximum(comm.reduce_max(out), NO_EARLIER)  # also a singleton's NO_EARLIER
     partner = comm.reduce_max(partner)
     return (out, partner) if return_partner else out
@@ -227,12 +249,32 @@ def group_duplicates(emb, members: np.ndarray, rows, cells: np.ndarray, key: np.
     return sims, partner
 
 
+def scratch_need(n: int, d: int, dtype, memory_bytes: int, k: int, world_size: int = 1) -> int:
+    """Most bytes of scratch disk :func:`semdedup_passes` holds at once over ``n`` rows of
+    ``d`` values of ``dtype`` with ``k`` cells (each file is freed before the next is made).
+
+    Two levels: the pool grouped by coarse cell (sorted, across ranks), or a group sorted into
+    cell order. Flat: :func:`duplicate_similarity`'s runs of held cells, at most
+    ``2 N / held + 1`` of them (two runs in a row hold more than one run may), or its sort of
+    the larger cells. Each is :func:`~.scratch.scratch_bytes`; the largest is returned.
+    """
+    if k > kmeans.FLAT_MAX_K:
+        keys = (kmeans.coarse_cells(k) if world_size == 1 else None, None)
+    else:
+        keys = (2 * -(-int(n) // _held_rows(memory_bytes, d)) + 1,)
+    return max(scratch_bytes(n, d, dtype, memory_bytes, c) for c in keys)
+
+
+def _held_rows(memory_bytes: int, d: int) -> int:
+    """The most rows of a cell held whole: its float32 rows in a quarter of the budget."""
+    return max(1, int(memory_bytes // (4 * 4 * d)))
+
+
 def _blocks(block_size: int, memory_bytes: int, d: int) -> tuple[int, np.ndarray, int]:
     """Similarity block rows (at most ``block_size``, sized from the budget), the diagonal
-    block's mask ([j, i]: i not ranked before j), and the most rows of a cell held whole (its
-    float32 rows in a quarter of the budget)."""
+    block's mask ([j, i]: i not ranked before j), and the most rows of a cell held whole."""
     block_size = min(block_size, similarity_block_rows(memory_bytes))
-    return block_size, _not_before(block_size), int(memory_bytes // (4 * 4 * d))
+    return block_size, _not_before(block_size), _held_rows(memory_bytes, d)
 
 
 @functools.lru_cache(maxsize=4)
