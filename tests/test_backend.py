@@ -12,7 +12,8 @@ from conftest import unit_rows
 from dbp_lightning.config import PruneConfig, SelectConfig, SemDeDupConfig
 from dbp_lightning.pruning import backend as backend_module
 from dbp_lightning.pruning import kmeans as kmeans_module
-from dbp_lightning.pruning.backend import Backend, TorchTop2, resolve_backend, torch_earlier_top2
+from dbp_lightning.pruning.backend import (Backend, BlasTop2, TorchTop2, resolve_backend,
+                                           torch_earlier_top2)
 from dbp_lightning.pruning.kmeans import partition_kmeans, spherical_kmeans
 from dbp_lightning.pruning.pipeline import prune
 from dbp_lightning.pruning.semdedup import _earlier_top2, duplicate_similarity, semdedup
@@ -77,6 +78,26 @@ def test_torch_top2_is_faiss_search(rng):
     np.testing.assert_allclose(ts, fs, atol=2e-6)
     clear = fs[:, 0] - fs[:, 1] > 1e-5  # near-ties may swap: the exact layer decides them
     assert clear.mean() > 0.95 and (ti[clear, 0] == fi[clear, 0]).all()
+
+
+def test_blas_top2_is_the_brute_force_top_two(rng):
+    """The faiss backend's CPU estimate: the two largest float32 products per row, largest
+    first, across sub-blocks; a row's equal products are both reported (the tie is the exact
+    layer's to decide)."""
+    x, c = unit_rows(rng, 2000, 48), unit_rows(rng, 300, 48)
+    c[7] = c[3]  # a tie in every row
+    top = BlasTop2(c)
+    top.rows = 333  # several sub-blocks
+    sims, ids = top.search(x, 2)
+    truth = x.astype(np.float64) @ c.astype(np.float64).T
+    expected = np.sort(truth, axis=1)[:, ::-1][:, :2]
+    np.testing.assert_allclose(sims, expected, atol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(truth, ids, axis=1), expected, atol=1e-5)
+    assert (ids[:, 0] != ids[:, 1]).all()
+    tied = np.isin(ids[:, 0], [3, 7])
+    assert tied.any() and (np.sort(ids[tied], axis=1) == [3, 7]).all()
+    with pytest.raises(ValueError, match="top 2 of at least 2 centroids"):
+        BlasTop2(c[:1]).search(x, 2)
 
 
 @needs_faiss

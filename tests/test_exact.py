@@ -127,7 +127,7 @@ class OtherKernel:
         return self._noisy(truth, a, b, np.float64)
 
     def search_top2(self, index, block):
-        centroids = index.reconstruct_n(0, index.ntotal)
+        centroids = np.asarray(index.centroids, np.float32)  # BlasTop2 or TorchTop2 on CPU
         sims = self.gemm32(block, centroids)
         top = np.argsort(-sims, axis=1, kind="stable")[:, :2]
         return np.take_along_axis(sims, top, axis=1), top

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from .backend import Backend, TorchTop2, resolve_backend
+from .backend import Backend, BlasTop2, TorchTop2, resolve_backend
 from .collective import Local, block_range, owners
 from .embeddings import as_embeddings
 from .exact import (SLACK, dot_bound, exact_argmax, first_twin, max_norm, row_sims,
@@ -52,12 +52,13 @@ _SIM_ROWS = 4096
 
 
 class _Nearest:
-    """Each row's nearest centroid, exactly (see :mod:`.exact`), faiss giving the estimate.
+    """Each row's nearest centroid, exactly (see :mod:`.exact`), the backend's top two giving
+    the estimate (faiss-gpu, :class:`~.backend.BlasTop2` on CPU, or torch).
 
-    faiss's top two float32 similarities decide a row where they are more than twice their error
+    The top two float32 similarities decide a row where they are more than twice their error
     bound apart; the rest are decided exactly. The similarity to the chosen centroid is the
     exactly rounded one. So the result is the same whatever BLAS kernel, thread count or GPU
-    faiss ran on.
+    the estimate ran on.
     """
 
     def __init__(self, centroids: np.ndarray, backend: Backend, comm=None):
@@ -69,6 +70,9 @@ class _Nearest:
         self._resources = None  # lives as long as the index is searched
         if backend.kind == "torch":
             self.index = TorchTop2(self.centroids, backend.device)
+            return
+        if backend.device == "cpu":  # faster than faiss's own flat search (BlasTop2)
+            self.index = BlasTop2(self.centroids)
             return
         faiss = _faiss()
         index = faiss.IndexFlatIP(self.d)
@@ -89,13 +93,15 @@ class _Nearest:
                                                self.centroids[ids[s : s + _SIM_ROWS]])
         return ids, sims
 
-    def nearest(self, block: np.ndarray) -> np.ndarray:
-        """Assignment int64 (B,) of float32 rows (B, d)."""
+    def nearest(self, block: np.ndarray, norm: float | None = None) -> np.ndarray:
+        """Assignment int64 (B,) of float32 rows (B, d); ``norm``: their :func:`max_norm`, when
+        the caller already has it (training searches the same rows every iteration)."""
         if self.k == 1:
             ids = np.zeros(len(block), np.int64)
         else:
             sims, found = search_top2(self.index, block)
-            margin = 2 * dot_bound(self.d, max_norm(block), self.norm, np.float32) + SLACK
+            norm = max_norm(block) if norm is None else norm
+            margin = 2 * dot_bound(self.d, norm, self.norm, np.float32) + SLACK
             ids = found[:, 0].astype(np.int64)
             unsure = np.flatnonzero(sims[:, 0].astype(np.float64) - sims[:, 1] <= margin)
             if unsure.size:
@@ -104,7 +110,8 @@ class _Nearest:
 
 
 def search_top2(index, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """faiss's two most similar centroids: similarities float32 (B, 2), ids int64 (B, 2)."""
+    """The index's estimate of the two most similar centroids (faiss on GPU, :class:`BlasTop2`
+    or :class:`TorchTop2`): similarities float32 (B, 2), ids int64 (B, 2)."""
     return index.search(block, 2)
 
 
@@ -214,11 +221,13 @@ def _train(emb, k: int, niter: int, seed: int, n_train: int, backend: Backend,
     xt = emb.rows(0, emb.n) if train_rows is None else emb.take(train_rows)
     centroids = _normalised(xt[rng.choice(n_train, k, replace=False)].astype(np.float64))
     previous, done = None, 0
+    starts = range(0, n_train, emb.block_size)
+    norms = [max_norm(xt[s : s + emb.block_size]) for s in starts]
     for done in tqdm(range(1, niter + 1), disable=not progress, desc="k-means", unit="iter",
                      leave=False):
         nearest = _Nearest(centroids, backend)
-        ids = np.concatenate([nearest.nearest(xt[s : s + emb.block_size])
-                              for s in range(0, n_train, emb.block_size)])
+        ids = np.concatenate([nearest.nearest(xt[s : s + emb.block_size], norm)
+                              for s, norm in zip(starts, norms)])
         sums = _member_sums(xt, ids, k)
         # sum of the members' similarities: each centroid . its members' sum, in a fixed order
         objective = math.fsum(row_sums_in_order(sums * centroids))
