@@ -81,10 +81,18 @@ def test_two_concurrent_prunes_into_one_directory_never_mix(tmp_path, runs):
     assert refused >= 1
 
 
+def _manifest_fraction(out):
+    try:
+        return json.loads((out / "manifest.json").read_text())["config"]["select"]["target_fraction"]
+    except (OSError, ValueError):
+        return None
+
+
 def test_a_killed_rerun_leaves_the_old_run_or_the_new_one(tmp_path, runs):
-    """A rerun with another config, killed (SIGKILL) at moments across its run: the directory
-    holds the old complete run or the new complete run, never neither and never a mix, and the
-    next run takes over the dead writer's lock and says so."""
+    """A rerun with another config, killed (SIGKILL) at moments across its run and once just
+    after its swap is seen: the directory holds the old complete run or the new complete run,
+    never neither and never a mix, and the next run takes over the dead writer's lock and says
+    so."""
     pool, reference = runs
     out = tmp_path / "run"
     assert _prune(pool, out, 0.5).wait() == 0
@@ -92,14 +100,22 @@ def test_a_killed_rerun_leaves_the_old_run_or_the_new_one(tmp_path, runs):
     assert _prune(pool, tmp_path / "timing", 0.3).wait() == 0
     seconds = time.perf_counter() - started
     seen = set()
-    for fraction in (0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 1.0, 1.05):
+    # Timed kills mostly land before the swap; the last waits for the swap itself, so that a
+    # loaded machine (a slower rerun than the timing run) still kills one run after it.
+    for fraction in (0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 1.0, 1.05, "swap"):
         other = 0.3 if _run(out)["fraction"] == 0.5 else 0.5
         proc = _prune(pool, out, other)
-        time.sleep(fraction * seconds)
+        if fraction == "swap":
+            deadline = time.perf_counter() + 20 * seconds + 60
+            while _manifest_fraction(out) != other and proc.poll() is None:
+                assert time.perf_counter() < deadline, "the rerun never swapped its run in"
+                time.sleep(0.005)
+        else:
+            time.sleep(fraction * seconds)
         proc.kill()
         proc.wait()
         run = _run(out)
-        assert run, f"no complete run after a kill at {fraction:.2f} of the run"
+        assert run, f"no complete run after a kill at {fraction} of the run"
         assert run == reference[run["fraction"]]
         seen.add(run["fraction"])
         if lock_path(out).exists():  # the kill left its lock: the next writer takes it over
