@@ -9,6 +9,7 @@ Subcommands:
     compare          one model per subset (full, random, SSP, DBP, ...) at an equal budget
     demo             the offline demo: data, embed, prune, train full vs DBP, evaluate, report
     data synthetic   write a synthetic clustered pool with planted duplicates as a store
+    data icons       a redundant real pool from open icon sets (npm's @iconify/json)
 """
 
 from __future__ import annotations
@@ -139,6 +140,22 @@ def _demo_data_parser() -> ArgumentParser:
     return p
 
 
+def _icons_data_parser() -> ArgumentParser:
+    from .data.icons import IconSpec
+
+    p = ArgumentParser(description="Write a redundant real pool from the open icon sets of npm's "
+                       "@iconify/json (fetched with npm, checked against its pinned integrity) as "
+                       "WebDataset shards, whole sets held out for evaluation (retrieval, concepts), "
+                       "plus the demo's held-out tasks.")
+    p.add_argument("--out", type=str, default="runs/icons/data",
+                   help="directory to write (a build of another spec there is replaced whole)")
+    p.add_argument("--package", type=Optional[str], default=None,
+                   help="the @iconify/json tarball at hand (default: fetched into ~/.cache/dbp_lightning)")
+    p.add_argument("--workers", type=int, default=2, help="render processes")
+    p.add_class_arguments(IconSpec, nested_key=None)
+    return p
+
+
 def _compare_parser() -> ArgumentParser:
     from .compare import CompareConfig
 
@@ -181,6 +198,7 @@ def build_parser() -> ArgumentParser:
     kinds = data.add_subcommands(dest="kind")
     kinds.add_subcommand("synthetic", _synthetic_parser(), help="synthetic embedding pool")
     kinds.add_subcommand("demo", _demo_data_parser(), help="the offline demo pool and evaluation sets")
+    kinds.add_subcommand("icons", _icons_data_parser(), help="a redundant real pool from open icon sets")
     return parser
 
 
@@ -328,6 +346,22 @@ def run_demo_data(args) -> int:
     return 0
 
 
+def run_icons_data(args) -> int:
+    from .data.icons import IconSpec, build_icons
+
+    report = build_icons(args.out, _dataclass(IconSpec, args), package=args.package,
+                         workers=args.workers, progress=True)
+    c, concepts = report["counts"], report["concepts"]
+    print(f"{report['package']}: {c['sets']} sets, {c['icons']:,} icons ({c.get('hidden', 0):,} hidden and "
+          f"{c.get('aliases_transformed', 0):,} transformed aliases left out); {c['drawn']:,} drawn, "
+          f"{c['rendered']:,} rendered, {c['blank_or_unrenderable']:,} blank or unrenderable dropped")
+    print(f"train {report['train_samples']:,} samples in {report['train_shards']} shards; held out "
+          f"{report['eval_samples']:,} icons in {len(report['held_out_sets'])} sets; "
+          f"{concepts['stems_in_min_sets']:,} concepts, {concepts['held_out_shown']:,} shown in held-out sets")
+    print(f"-> {args.out} (data fingerprint {report['fingerprint']})")
+    return 0
+
+
 def _print_demo_data(report: dict, out: str) -> None:
     for source, counts in report["sources"].items():
         print(f"{source:<14}{', '.join(f'{k} {v:,}' for k, v in counts.items())}")
@@ -458,6 +492,8 @@ def _main(argv: list[str], console: bool = False) -> int:
             return run_synthetic(cfg.data.synthetic)
         if cfg.command == "data" and cfg.data.kind == "demo":
             return run_demo_data(parser.instantiate(cfg).data.demo)
+        if cfg.command == "data" and cfg.data.kind == "icons":
+            return run_icons_data(parser.instantiate(cfg).data.icons)
     except DirectoryBusy as exc:  # another live process writes the same output
         _say(f"dbp-lightning {cfg.command}: error: {exc}")
         return 1

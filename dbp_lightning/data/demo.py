@@ -159,8 +159,9 @@ def fashion_mnist_test(counts: dict, root: Optional[str] = None):
     return x, y
 
 
-def render(path: str, size: int) -> Optional[bytes]:
-    """PNG bytes of an SVG at size x size on white; None when the SVG does not render, or
+def render(svg: str | bytes, size: int) -> Optional[bytes]:
+    """PNG bytes of an SVG (a file path, or the document's bytes) at size x size on white; None
+    when the SVG does not render, or
     renders as one flat colour (content cairosvg cannot draw: a blank picture with a real
     caption would only teach noise, and SemDeDup would collapse all of them into one).
     Text is drawn with the project's fonts only (:func:`~dbp_lightning.data.fonts.pin_fonts`)."""
@@ -172,7 +173,8 @@ def render(path: str, size: int) -> Optional[bytes]:
     from PIL import Image
 
     try:
-        png = cairosvg.svg2png(url=path, output_width=size, output_height=size, background_color="white")
+        source = {"bytestring": svg} if isinstance(svg, bytes) else {"url": svg}
+        png = cairosvg.svg2png(**source, output_width=size, output_height=size, background_color="white")
     except Exception:  # cairosvg raises many kinds for broken or exotic SVGs
         return None
     finally:
@@ -197,13 +199,14 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write_task(folder: Path, samples: list[dict], classnames: Optional[list[str]], retrieval: bool) -> None:
+def _write_task(folder: Path, samples: list[dict], classnames: Optional[list[str]], retrieval: bool,
+                templates: list[str] = TEMPLATES) -> None:
     from .shards import write_tar
 
     write_tar(folder / "test" / "0.tar", samples)
     if classnames is not None:
         (folder / "classnames.txt").write_text("\n".join(classnames) + "\n")
-        (folder / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+        (folder / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
     if retrieval:
         (folder / "dataset_type.txt").write_text("retrieval\n")
     (folder / "test" / "nshards.txt").write_text("1\n")
@@ -222,31 +225,104 @@ def build_demo(out: str | os.PathLike, spec: DemoSpec = DemoSpec(), workers: int
         ValueError: ``out`` is not empty and holds no demo build.
         DirectoryBusy: another process is building into ``out``.
     """
+    return build_once(out, "demo_data.json", asdict(spec), "demo",
+                      lambda stage: _build(stage, spec, workers, progress))
+
+
+def build_once(out: str | os.PathLike, done_name: str, spec: dict, what: str, build) -> dict:
+    """Reuse the build in ``out`` whose ``done_name`` records ``spec`` and this font set, or run
+    ``build(stage)`` into a staging directory that then takes ``out``'s place in one rename;
+    refuse an ``out`` that holds anything else. Shared by the demo and the icon data."""
     from ..atomic import atomic_dir, recover_dir
     from ..lock import directory_lock
     from .fonts import pin_fonts
 
     out = Path(out)
-    done = out / "demo_data.json"
+    done = out / done_name
     with directory_lock(out):
         recover_dir(out)
         if done.is_file():
             built = json.loads(done.read_text())
             # the same spec rendered with the same fonts (a build from before the fonts were
             # pinned has none recorded, and is made again)
-            if built.get("spec") == asdict(spec) and built.get("fonts") == pin_fonts():
+            if built.get("spec") == spec and built.get("fonts") == pin_fonts():
                 return built
         elif out.is_dir() and any(out.iterdir()):
-            raise ValueError(f"{out}: not empty and holds no demo build (no demo_data.json); "
-                             "give the demo data an empty or new directory")
+            raise ValueError(f"{out}: not empty and holds no {what} build (no {done_name}); "
+                             f"give the {what} data an empty or new directory")
         with atomic_dir(out) as stage:
-            return _build(stage, spec, workers, progress)
+            return build(stage)
+
+
+def _items(spec: DemoSpec, counts: dict) -> list[Item]:
+    items: list[Item] = []
+    for source in (openmoji_items, openclipart_items):
+        found = list(source(counts))
+        items += found[: spec.max_per_source] if spec.max_per_source else found
+    return items
+
+
+def _render_all(items: list[Item], size: int, workers: int, progress: bool, desc: str = "render") -> list:
+    from tqdm.auto import tqdm
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(tqdm(pool.map(render, [i.path for i in items], [size] * len(items), chunksize=32),
+                         total=len(items), desc=desc, disable=not progress))
+
+
+def _sample(item: Item, png: bytes) -> dict:
+    return {"__key__": item.uid, "png": png, "txt": item.caption.encode(),
+            "json": json.dumps({"uid": item.uid, "source": item.source, "category": item.category,
+                                "file": item.ident}).encode()}
+
+
+def _write_eval_tasks(evals: Path, held_out: list[tuple[Item, bytes]], spec: DemoSpec, counts: dict) -> None:
+    """The demo's three held-out tasks from its rendered held-out items, plus Fashion-MNIST."""
+    samples = [_sample(item, png) for item, png in held_out]
+    _write_task(evals / "wds_demo-retrieval_test",
+                [{"__key__": s["__key__"], "png": s["png"], "txt": s["txt"]} for s in samples], None, True)
+    clipart = [(s, item.category) for (item, _), s in zip(held_out, samples)
+               if item.source == "openclipart" and item.category != "unsorted"]
+    if clipart:
+        categories = sorted({c for _, c in clipart})
+        _write_task(evals / "wds_demo-clipart_categories_test",
+                    [{"__key__": s["__key__"], "png": s["png"], "cls": str(categories.index(c)).encode()}
+                     for s, c in clipart], [c.replace("_", " ") for c in categories], False)
+    fmnist = fashion_mnist_test(counts)
+    if fmnist is not None:
+        x, y = fmnist
+        cap = spec.max_per_source or len(x)
+        _write_task(evals / "wds_demo-fashion_mnist_test",
+                    [{"__key__": f"fmnist{i:05d}", "png": _png(x[i]), "cls": str(int(y[i])).encode()}
+                     for i in range(min(cap, len(x)))], FASHION_MNIST_CLASSES, False)
+        counts["fashion_mnist"]["eval"] = min(cap, len(x))
+
+
+def write_demo_tasks(evals: str | os.PathLike, spec: DemoSpec = DemoSpec(), workers: int = 2,
+                     progress: bool = False) -> dict:
+    """Write only the demo's held-out tasks (the same files ``build_demo`` writes under
+    ``eval/``) into ``evals``, rendering only the held-out items; returns the counts per source.
+    Another pool (``data icons``) evaluates on them as transfer outside its own domain."""
+    from collections import Counter, defaultdict
+
+    from .fonts import pin_fonts
+
+    counts: dict = defaultdict(Counter)
+    counts["left_out"] = {}
+    held = [item for item in _items(spec, counts) if _held_out(item, spec)]
+    pin_fonts()
+    pngs = _render_all(held, spec.size, workers, progress, desc="render demo tasks")
+    kept = []
+    for item, png in zip(held, pngs):
+        counts[item.source]["unrenderable_or_blank" if png is None else "eval"] += 1
+        if png is not None:
+            kept.append((item, png))
+    _write_eval_tasks(Path(evals), kept, spec, counts)
+    return {k: dict(v) for k, v in counts.items() if k != "left_out"} | {"left_out": counts["left_out"]}
 
 
 def _build(out: Path, spec: DemoSpec, workers: int, progress: bool) -> dict:
     from collections import Counter, defaultdict
-
-    from tqdm.auto import tqdm
 
     from ..atomic import write_json
     from .fonts import pin_fonts
@@ -256,51 +332,26 @@ def _build(out: Path, spec: DemoSpec, workers: int, progress: bool) -> dict:
 
     counts: dict = defaultdict(Counter)
     counts["left_out"] = {}
-    items: list[Item] = []
-    for source in (openmoji_items, openclipart_items):
-        found = list(source(counts))
-        items += found[: spec.max_per_source] if spec.max_per_source else found
+    items = _items(spec, counts)
     fonts = pin_fonts()  # the workers inherit it
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        pngs = list(tqdm(pool.map(render, [i.path for i in items], [spec.size] * len(items), chunksize=32),
-                         total=len(items), desc="render", disable=not progress))
+    pngs = _render_all(items, spec.size, workers, progress)
 
-    train, eval_pairs, eval_clipart = [], [], []
+    train, held_out = [], []
     for item, png in zip(items, pngs):
         if png is None:
             counts[item.source]["unrenderable_or_blank"] += 1
             continue
-        sample = {"__key__": item.uid, "png": png, "txt": item.caption.encode(),
-                  "json": json.dumps({"uid": item.uid, "source": item.source, "category": item.category,
-                                      "file": item.ident}).encode()}
         if _held_out(item, spec):
             counts[item.source]["eval"] += 1
-            eval_pairs.append(sample)
-            if item.source == "openclipart" and item.category != "unsorted":
-                eval_clipart.append((sample, item.category))
+            held_out.append((item, png))
         else:
             counts[item.source]["train"] += 1
-            train.append(sample)
+            train.append(_sample(item, png))
 
     (out / "train").mkdir(parents=True, exist_ok=True)
     for i in range(0, len(train), spec.shard_size):
         write_tar(out / "train" / f"shard-{i // spec.shard_size:05d}.tar", train[i : i + spec.shard_size])
-    evals = out / "eval"
-    _write_task(evals / "wds_demo-retrieval_test",
-                [{"__key__": s["__key__"], "png": s["png"], "txt": s["txt"]} for s in eval_pairs], None, True)
-    if eval_clipart:
-        categories = sorted({c for _, c in eval_clipart})
-        _write_task(evals / "wds_demo-clipart_categories_test",
-                    [{"__key__": s["__key__"], "png": s["png"], "cls": str(categories.index(c)).encode()}
-                     for s, c in eval_clipart], [c.replace("_", " ") for c in categories], False)
-    fmnist = fashion_mnist_test(counts)
-    if fmnist is not None:
-        x, y = fmnist
-        cap = spec.max_per_source or len(x)
-        _write_task(evals / "wds_demo-fashion_mnist_test",
-                    [{"__key__": f"fmnist{i:05d}", "png": _png(x[i]), "cls": str(int(y[i])).encode()}
-                     for i in range(min(cap, len(x)))], FASHION_MNIST_CLASSES, False)
-        counts["fashion_mnist"]["eval"] = min(cap, len(x))
+    _write_eval_tasks(out / "eval", held_out, spec, counts)
     report = {"spec": asdict(spec), "train_samples": len(train),
               "train_shards": -(-len(train) // spec.shard_size),
               "sources": {k: dict(v) for k, v in counts.items() if k != "left_out"},
@@ -310,10 +361,10 @@ def _build(out: Path, spec: DemoSpec, workers: int, progress: bool) -> dict:
 
 
 def data_fingerprint(out: str | os.PathLike) -> str:
-    """16 hex digits of every file of a demo build but ``demo_data.json`` (relative paths, sizes
-    and bytes): two machines whose builds print the same fingerprint trained on the same data."""
+    """16 hex digits of every file of a demo (or icon) build but its counts file (relative paths,
+    sizes and bytes): two machines whose builds print the same fingerprint trained on the same data."""
     from ..atomic import files_fingerprint
 
     out = Path(out)
-    files = (p for p in out.rglob("*") if p.is_file() and p.name != "demo_data.json")
+    files = (p for p in out.rglob("*") if p.is_file() and p.name not in ("demo_data.json", "icons_data.json"))
     return files_fingerprint(out, files)

@@ -79,13 +79,22 @@ DEMO_TASKS = (
     _t("demo-retrieval", "Caption retrieval", "Demo", "mean_recall@1", "retrieval"),
 )
 
-BY_KEY = {t.key: t for t in TASKS + DEMO_TASKS}
+#: the held-out sets ``dbp-lightning data icons`` writes (``data/icons.py``): whole icon sets
+#: never seen in training; the concepts split at the median of their training icons
+ICON_TASKS = (
+    _t("icons-retrieval", "Icon retrieval (unseen sets)", "Icons", "mean_recall@1", "retrieval"),
+    _t("icons-concepts_frequent", "Frequent concepts (unseen sets)", "Icons", "mean_per_class_recall"),
+    _t("icons-concepts_rare", "Rare concepts (unseen sets)", "Icons", "mean_per_class_recall"),
+)
+
+BY_KEY = {t.key: t for t in TASKS + DEMO_TASKS + ICON_TASKS}
 BY_NAME = {t.name: t for t in TASKS}
 
 
 def select_tasks(spec: str | list[str]) -> list[Task]:
     """Tasks from a comma-separated list or a list of keys, with the shorthands ``imagenet``
-    (ImageNet-1k), ``datacomp38`` (all 38) and ``demo`` (the demo's held-out sets). Unknown keys raise ValueError naming them."""
+    (ImageNet-1k), ``datacomp38`` (all 38), ``demo`` (the demo's held-out sets) and ``icons`` (the icon
+    pool's held-out sets and the demo's). Unknown keys raise ValueError naming them."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     out: list[Task] = []
     for name in (n.strip() for n in names if n.strip()):
@@ -93,11 +102,13 @@ def select_tasks(spec: str | list[str]) -> list[Task]:
             out += TASKS
         elif name == "demo":
             out += DEMO_TASKS
+        elif name == "icons":
+            out += ICON_TASKS + DEMO_TASKS
         elif name == "imagenet":
             out.append(BY_KEY["imagenet1k"])
         elif name in BY_KEY:
             out.append(BY_KEY[name])
         else:
-            raise ValueError(f"tasks: unknown task {name!r}; use imagenet, datacomp38, demo or a "
+            raise ValueError(f"tasks: unknown task {name!r}; use imagenet, datacomp38, demo, icons or a "
                              f"DataComp key such as vtab/cifar100")
     return list(dict.fromkeys(out))
