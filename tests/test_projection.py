@@ -5,6 +5,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
 from dbp_lightning.evaluation.features import (TaskFeatures, evaluate_features,
@@ -95,6 +97,33 @@ def test_retrieval_metrics_equal_clip_benchmark(rng):
         assert ours[key] == pytest.approx(value, abs=1e-6), key
     assert ours["mean_recall@1"] == pytest.approx(0.5 * (ref["image_retrieval_recall@1"]
                                                          + ref["text_retrieval_recall@1"]))
+
+
+def _retrieval_by_argsort(scores, text_image, ks):
+    """The definition: rank every row with a stable argsort (ties to the lower index)."""
+    n_images = scores.shape[0]
+    out = {}
+    for k in [k for k in ks if k <= n_images]:
+        top_images = np.argsort(-scores.T, axis=1, kind="stable")[:, :k]
+        out[f"image_retrieval_recall@{k}"] = float((top_images == text_image[:, None]).any(1).mean())
+        top_texts = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        out[f"text_retrieval_recall@{k}"] = float((text_image[top_texts] == np.arange(n_images)[:, None])
+                                                  .any(1).mean())
+    out["mean_recall@1"] = 0.5 * (out["image_retrieval_recall@1"] + out["text_retrieval_recall@1"])
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 14), st.integers(0, 2**32 - 1), st.booleans())
+def test_retrieval_metrics_equal_the_argsort_definition(n_images, n_texts, seed, ties):
+    """Ties (scores from few levels), several captions per image and images with none."""
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 3, (n_images, n_texts)).astype(np.float32) if ties else \
+        rng.standard_normal((n_images, n_texts)).astype(np.float32)
+    owner = rng.integers(0, n_images, n_texts)
+    ks = (1, 2, 5, 10)
+    ours = retrieval_metrics(scores, owner, ks)
+    assert ours == _retrieval_by_argsort(scores, owner, ks)
 
 
 def test_paired_features_align_by_key(tmp_path, rng):

@@ -143,16 +143,38 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     return out
 
 
+def _stable_positions(rows: np.ndarray, cols: np.ndarray, scores: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Where column ``cols[i]`` lands in a stable descending sort of row ``rows[i]`` of ``scores``:
+    the entries greater than it, plus the equal ones before it. One pass, no sort."""
+    out = np.empty(len(rows), np.int64)
+    index = np.arange(scores.shape[1])
+    for start in range(0, len(rows), chunk):
+        r, c = rows[start : start + chunk], cols[start : start + chunk]
+        block = scores[r]
+        own = block[np.arange(len(r)), c][:, None]
+        out[start : start + chunk] = ((block > own).sum(1)
+                                      + ((block == own) & (index[None, :] < c[:, None])).sum(1))
+    return out
+
+
 def retrieval_metrics(scores: np.ndarray, text_image: np.ndarray, ks=(1, 5, 10)) -> dict:
-    """Recall@k both ways of float (N_images, M_texts) similarities, k <= N_images only."""
-    n_images = scores.shape[0]
+    """Recall@k both ways of float (N_images, M_texts) similarities, k <= N_images only.
+
+    The same numbers as ranking every row with a stable argsort (ties go to the lower index),
+    found from each true match's position instead: O(N M) rather than O(N M log M) per k."""
+    n_images, n_texts = scores.shape
+    text_image = np.asarray(text_image, np.int64)
+    captions = np.arange(n_texts)
+    # per caption: the position of its image among all images
+    image_rank = _stable_positions(captions, text_image, np.ascontiguousarray(scores.T))
+    # per image: the best position of any of its captions among all captions
+    caption_pos = _stable_positions(text_image, captions, scores)
+    text_rank = np.full(n_images, np.iinfo(np.int64).max)
+    np.minimum.at(text_rank, text_image, caption_pos)
     out = {}
     for k in [k for k in ks if k <= n_images]:
-        top_images = np.argsort(-scores.T, axis=1, kind="stable")[:, :k]        # per caption
-        out[f"image_retrieval_recall@{k}"] = float((top_images == text_image[:, None]).any(1).mean())
-        top_texts = np.argsort(-scores, axis=1, kind="stable")[:, :k]           # per image
-        out[f"text_retrieval_recall@{k}"] = float((text_image[top_texts] == np.arange(n_images)[:, None])
-                                                  .any(1).mean())
+        out[f"image_retrieval_recall@{k}"] = float((image_rank < k).mean())
+        out[f"text_retrieval_recall@{k}"] = float((text_rank < k).mean())
     out["mean_recall@1"] = 0.5 * (out["image_retrieval_recall@1"] + out["text_retrieval_recall@1"])
     return out
 
