@@ -352,7 +352,8 @@ def run_icons_data(args) -> int:
     report = build_icons(args.out, _dataclass(IconSpec, args), package=args.package,
                          workers=args.workers, progress=True)
     c, concepts = report["counts"], report["concepts"]
-    print(f"{report['package']}: {c['sets']} sets, {c['icons']:,} icons ({c.get('hidden', 0):,} hidden and "
+    print(f"{report['package']}: {c['sets']} sets, {c['icons']:,} icons ({c.get('hidden', 0):,} hidden, "
+          f"{c.get('mask_not_drawn', 0):,} drawn through masks cairosvg ignores and "
           f"{c.get('aliases_transformed', 0):,} transformed aliases left out); {c['drawn']:,} drawn, "
           f"{c['rendered']:,} rendered, {c['blank_or_unrenderable']:,} blank or unrenderable dropped")
     print(f"train {report['train_samples']:,} samples in {report['train_shards']} shards; held out "
