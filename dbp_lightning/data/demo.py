@@ -262,12 +262,13 @@ def _items(spec: DemoSpec, counts: dict) -> list[Item]:
     return items
 
 
-def _render_all(items: list[Item], size: int, workers: int, progress: bool, desc: str = "render") -> list:
+def render_all(svgs: list[str | bytes], size: int, workers: int, progress: bool, desc: str = "render") -> list:
+    """:func:`render` of each SVG (paths or documents) in ``workers`` processes, in order."""
     from tqdm.auto import tqdm
 
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(render, [i.path for i in items], [size] * len(items), chunksize=32),
-                         total=len(items), desc=desc, disable=not progress))
+        return list(tqdm(pool.map(render, svgs, [size] * len(svgs), chunksize=32),
+                         total=len(svgs), desc=desc, disable=not progress))
 
 
 def _sample(item: Item, png: bytes) -> dict:
@@ -311,7 +312,7 @@ def write_demo_tasks(evals: str | os.PathLike, spec: DemoSpec = DemoSpec(), work
     counts["left_out"] = {}
     held = [item for item in _items(spec, counts) if _held_out(item, spec)]
     pin_fonts()
-    pngs = _render_all(held, spec.size, workers, progress, desc="render demo tasks")
+    pngs = render_all([i.path for i in held], spec.size, workers, progress, desc="render demo tasks")
     kept = []
     for item, png in zip(held, pngs):
         counts[item.source]["unrenderable_or_blank" if png is None else "eval"] += 1
@@ -334,7 +335,7 @@ def _build(out: Path, spec: DemoSpec, workers: int, progress: bool) -> dict:
     counts["left_out"] = {}
     items = _items(spec, counts)
     fonts = pin_fonts()  # the workers inherit it
-    pngs = _render_all(items, spec.size, workers, progress)
+    pngs = render_all([i.path for i in items], spec.size, workers, progress)
 
     train, held_out = [], []
     for item, png in zip(items, pngs):

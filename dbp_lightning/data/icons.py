@@ -347,21 +347,9 @@ def build_icons(out: str | os.PathLike, spec: IconSpec = IconSpec(), package: Op
                       lambda stage: _build(stage, spec, tarball, workers, progress))
 
 
-def _render(icons: list[Icon], size: int, workers: int, progress: bool) -> list:
-    from concurrent.futures import ProcessPoolExecutor
-
-    from tqdm.auto import tqdm
-
-    from .demo import render
-
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(tqdm(pool.map(render, [i.svg for i in icons], [size] * len(icons), chunksize=64),
-                         total=len(icons), desc="render icons", disable=not progress))
-
-
 def _build(out: Path, spec: IconSpec, tarball: Path, workers: int, progress: bool) -> dict:
     from ..atomic import write_json
-    from .demo import _write_task, data_fingerprint, write_demo_tasks
+    from .demo import _write_task, data_fingerprint, render_all, write_demo_tasks
     from .fonts import pin_fonts
     from .shards import write_tar
 
@@ -381,7 +369,7 @@ def _build(out: Path, spec: IconSpec, tarball: Path, workers: int, progress: boo
     counts["drawn"] = len(icons)
 
     fonts = pin_fonts()  # the workers inherit it
-    pngs = _render(icons, spec.size, workers, progress)
+    pngs = render_all([i.svg for i in icons], spec.size, workers, progress, desc="render icons")
     rendered = [(icon, png) for icon, png in zip(icons, pngs) if png is not None]
     blank = Counter(icon.prefix for icon, png in zip(icons, pngs) if png is None)
     counts["blank_or_unrenderable"] = sum(blank.values())
