@@ -327,7 +327,7 @@ def _build(out: Path, spec: DemoSpec, workers: int, progress: bool) -> dict:
 
     from ..atomic import write_json
     from .fonts import pin_fonts
-    from .shards import write_tar
+    from .shards import write_shards
 
     done = out / "demo_data.json"
 
@@ -349,9 +349,7 @@ def _build(out: Path, spec: DemoSpec, workers: int, progress: bool) -> dict:
             counts[item.source]["train"] += 1
             train.append(_sample(item, png))
 
-    (out / "train").mkdir(parents=True, exist_ok=True)
-    for i in range(0, len(train), spec.shard_size):
-        write_tar(out / "train" / f"shard-{i // spec.shard_size:05d}.tar", train[i : i + spec.shard_size])
+    write_shards(out / "train", train, spec.shard_size)
     _write_eval_tasks(out / "eval", held_out, spec, counts)
     report = {"spec": asdict(spec), "train_samples": len(train),
               "train_shards": -(-len(train) // spec.shard_size),

@@ -351,7 +351,7 @@ def _build(out: Path, spec: IconSpec, tarball: Path, workers: int, progress: boo
     from ..atomic import write_json
     from .demo import _write_task, data_fingerprint, render_all, write_demo_tasks
     from .fonts import pin_fonts
-    from .shards import write_tar
+    from .shards import write_shards
 
     counts: Counter = Counter()
     icons: list[Icon] = []
@@ -388,9 +388,7 @@ def _build(out: Path, spec: IconSpec, tarball: Path, workers: int, progress: boo
 
     train = [sample(i, p) for i, p in rendered if i.prefix not in held]
     evals = [(i, p) for i, p in rendered if i.prefix in held]
-    (out / "train").mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(train), spec.shard_size):
-        write_tar(out / "train" / f"shard-{start // spec.shard_size:05d}.tar", train[start : start + spec.shard_size])
+    write_shards(out / "train", train, spec.shard_size)
 
     root = out / "eval"
     _write_task(root / "wds_icons-retrieval_test",

@@ -157,6 +157,15 @@ def write_tar(path: str | os.PathLike, samples, expect: int | None = None) -> in
     return rows
 
 
+def write_shards(folder: str | os.PathLike, samples: list, shard_size: int) -> int:
+    """``samples`` in order as ``folder/shard-NNNNN.tar`` of ``shard_size`` each; returns how many shards."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(samples), shard_size):
+        write_tar(folder / f"shard-{start // shard_size:05d}.tar", samples[start : start + shard_size])
+    return -(-len(samples) // shard_size)
+
+
 def has_end_of_archive(path: str) -> bool:
     """Whether the file ends in the two zero blocks every complete tar ends with; a tar cut at a
     member boundary reads without error but lacks them."""
