@@ -271,6 +271,12 @@ def test_validation_split_over_ranks_raises_alike_on_every_rank(world_size):
     with pytest.warns(UserWarning, match="2 of 1000 rows are not L2-normalised"):
         assert Embeddings(x, block_size=64).normalize
     assert all(run_ranks(world_size, opened(x)))
+    # rows within the tolerance are read as they are: the norm bound is the largest rank's
+    near = np.float32(1.0015) * x / np.linalg.norm(x, axis=1, keepdims=True)
+    near[:900] /= np.float32(1.0015)
+    bounds = run_ranks(world_size, lambda comm: Embeddings(near, block_size=64, comm=comm).norm_bound)
+    assert bounds == [Embeddings(near, block_size=64).norm_bound] * world_size
+    assert 1.0015 <= bounds[0] < 1.0016
     bad = x.copy()
     bad[700] = 0.0  # a later rank's share
     bad[900, 3] = np.nan

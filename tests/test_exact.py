@@ -2,6 +2,7 @@
 arithmetic, and the whole prune against estimates from "another kernel": every fast estimate
 moved by random amounts within its proven error bound must change no byte of the result."""
 
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from dbp_lightning.config import PruneConfig, SelectConfig, SemDeDupConfig
 from dbp_lightning.pruning import exact, kmeans
-from dbp_lightning.pruning.exact import dot_bound, exact_argmax, first_twin, max_norm, pair_sims, row_sims
+from dbp_lightning.pruning.exact import dot_bound, exact_argmax, max_norm, pair_sims, row_sims
 from dbp_lightning.pruning.pipeline import prune
 from dbp_lightning.synthetic import PoolSpec, make_pool
 
@@ -76,7 +77,7 @@ def test_exact_argmax_with_identical_and_last_bit_keys(seed, n, d):
     keys[bumped, 0] = np.nextafter(keys[bumped, 0], np.float32(np.inf))
     q = keys[rng.integers(0, n, 5)] + np.float32(0)
     before = rng.integers(0, n + 1, len(q))
-    got = exact_argmax(q, keys, before=before, twin=first_twin(keys), block_size=7)
+    got = exact_argmax(q, keys, before=before, block_size=7)
     assert got.tolist() == [brute_argmax(qi, keys, b) for qi, b in zip(q, before)]
     assert exact_argmax(q, keys).tolist() == [brute_argmax(qi, keys) for qi in q]
 
@@ -166,3 +167,26 @@ def test_prune_is_the_same_whatever_the_kernel(tricky_pool, name, monkeypatch):
             other = prune(tricky_pool, config)
         assert other.selection.equals(reference.selection)
         assert other.clusters.equals(reference.clusters)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 300), st.sampled_from([np.float16, np.float32, np.float64]),
+       st.floats(1e-3, 1e3), st.booleans())
+def test_the_validation_norm_bound_holds_for_every_row_read(seed, d, dtype, scale, unit):
+    """Embeddings.norm_bound, which the exact layer's error bounds use instead of reading the
+    rows again, is at least every float32 row's norm (summed exactly), normalised on read or not."""
+    import warnings
+
+    from dbp_lightning.pruning.embeddings import Embeddings
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((50, d)) * rng.uniform(0.5, 2.0, (50, 1))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True) if unit else x * scale).astype(dtype)
+    x[~(x != 0).any(axis=1), 0] = 1  # no all-zero rows (refused)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        emb = Embeddings(x, block_size=16)
+    rows = emb.rows(0, 50).astype(np.float64)
+    norms = [math.sqrt(math.fsum(r * r)) for r in rows]  # squares of float32 are exact in float64
+    assert max(norms) <= emb.norm_bound
+    assert emb.norm_bound <= max(norms) * (1 + 1e-4)  # and tight: error bounds stay small

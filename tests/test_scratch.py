@@ -254,13 +254,12 @@ def test_cells_held_in_runs_and_cells_read_in_blocks_give_the_same_bytes(rng, tm
     assert scratch_fds(tmp_path) == [] and os.listdir(tmp_path) == []
 
 
-def first_twin_brute(x):
-    return np.array([next(j for j in range(len(x)) if np.array_equal(x[j], x[i]))
-                     for i in range(len(x))])
+def test_exact_argmax_over_rows_too_large_to_hold_matches_the_definition(rng, tmp_path):
+    """Keys read from scratch by block and by index (a cell too large to hold), with copies of
+    the best key: its lowest index, as over the same rows in memory and by exact arithmetic."""
+    from fractions import Fraction
 
-
-def test_first_twin_of_rows_too_large_to_hold_matches_the_definition(rng, tmp_path):
-    from dbp_lightning.pruning.exact import first_twin
+    from dbp_lightning.pruning.exact import exact_argmax
 
     x = pool_with_copies(rng, n=400, d=6, float16=False)
     with pytest.warns(UserWarning, match="not L2-normalised"):
@@ -268,8 +267,14 @@ def test_first_twin_of_rows_too_large_to_hold_matches_the_definition(rng, tmp_pa
     with scratch.sort_rows(emb, np.arange(400), 4 * 8 * 4 * 6, tmp_path) as rows:
         lazy = rows.range(0, 400)
         held = lazy.load()
-        np.testing.assert_array_equal(first_twin(lazy), first_twin_brute(held))
-        np.testing.assert_array_equal(first_twin(held), first_twin_brute(held))
+        q = held[rng.integers(0, 400, 40)]
+        before = rng.integers(0, 401, 40)
+        exact = [[sum(Fraction(float(a)) * Fraction(float(b)) for a, b in zip(qi, key))
+                  for key in held] for qi in q]
+        truth = [max(range(b), key=lambda j, e=e: (e[j], -j)) if b else -1
+                 for e, b in zip(exact, before)]
+        assert exact_argmax(q, lazy, before=before, block_size=64).tolist() == truth
+        assert exact_argmax(q, held, before=before, block_size=64).tolist() == truth
 
 
 @pytest.fixture(scope="module")
@@ -373,6 +378,33 @@ def test_a_disk_without_room_is_refused_before_any_stage(stored_pool, tmp_path, 
     for bad in (0, float("inf")):
         with pytest.raises(ValueError, match="memory_gb must be a finite number > 0"):
             two_level_config(memory_gb=bad).validate()
+
+
+@pytest.mark.parametrize("failing_write", [1, 5])
+def test_a_disk_filling_up_mid_write_names_scratch_dir(stored_pool, tmp_path, monkeypatch,
+                                                       failing_write):
+    """A file system that reserved nothing runs out of room in a write the writer thread makes:
+    the one-line error names scratch_dir, and no scratch is left open."""
+    import errno
+
+    from dbp_lightning.store import EmbeddingStore
+
+    real, calls = scratchfile._write_all, []
+
+    def filling(fd, view, offset):
+        calls.append(offset)
+        if len(calls) > failing_write:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, view, offset)
+
+    monkeypatch.setattr(scratchfile, "_reserve", lambda fd, nbytes, directory: None)
+    monkeypatch.setattr(scratchfile, "_write_all", filling)
+    with pytest.raises(ValueError, match=f"scratch_dir {tmp_path}: ran out of room writing .* of "
+                                         "sorted rows; set scratch_dir to a disk with room"):
+        prune(EmbeddingStore(stored_pool), two_level_config(memory_gb=2**-16,
+                                                            scratch_dir=str(tmp_path)))
+    assert len(calls) > failing_write
+    assert scratch_fds(tmp_path) == [] and os.listdir(tmp_path) == []
 
 
 def test_sigkill_during_the_sort_leaves_no_scratch_and_a_rerun_gives_the_same_bytes(

@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from .collective import Local, block_range
+from .exact import max_norm, normalised_norm_bound
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ class Embeddings:
     with a ``ValueError`` naming the first bad row. Rows that are finite but not unit-norm are
     accepted with one warning and normalised on every read (the paper's embeddings are
     L2-normalised; cosine similarity is what every stage means).
+
+    Attributes:
+        norm_bound: an upper bound (float) of the L2 norm of every float32 row this returns,
+            found by the validation pass: the exact layer's error bounds use it rather than
+            reading the rows again (:mod:`.exact`).
     """
 
     def __init__(self, x, block_size: int = 65536, name: str = "embeddings", comm=None):
@@ -61,20 +67,23 @@ class Embeddings:
         # per rank: [first bad row, its problem, rows off unit norm]; -1 is max's identity
         found = np.full((comm.world_size, 3), -1, np.int64)
         found[comm.rank] = (-1, -1, 0)
+        largest = np.zeros(comm.world_size)  # per rank: the largest norm bound of its rows
         lo, hi = block_range(self.n, self.block_size, comm.rank, comm.world_size)
         wide = np.empty((min(self.block_size, max(hi - lo, 0)), self.d), np.float32)  # reused
         for start in range(lo, hi, self.block_size):
             raw = self.x[start : min(start + self.block_size, hi)]
             block = as_float32(raw, wide[: len(raw)])
-            finite = np.isfinite(block).all(axis=1)
-            norms = np.linalg.norm(block, axis=1)
-            if not finite.all():
-                found[comm.rank, :2] = start + int(np.argmin(finite)), _NOT_FINITE
+            squares = np.einsum("ij,ij->i", block, block)  # NaN or inf wherever a value is
+            if not np.isfinite(squares).all():
+                finite = np.isfinite(block).all(axis=1)
+                if not finite.all():
+                    found[comm.rank, :2] = start + int(np.argmin(finite)), _NOT_FINITE
+                    break
+            if (squares == 0).any():
+                found[comm.rank, :2] = start + int(np.argmin(squares)), _ZERO
                 break
-            if (norms == 0).any():
-                found[comm.rank, :2] = start + int(np.argmin(norms)), _ZERO
-                break
-            found[comm.rank, 2] += int((np.abs(norms - 1.0) > NORM_TOLERANCE).sum())
+            found[comm.rank, 2] += int((np.abs(np.sqrt(squares) - 1.0) > NORM_TOLERANCE).sum())
+            largest[comm.rank] = max(largest[comm.rank], max_norm(block, squares))
         found = comm.reduce_max(found)
         bad = found[found[:, 0] >= 0]
         if len(bad):  # the first rank's rows come first: its bad row is the matrix's first
@@ -85,8 +94,10 @@ class Embeddings:
             raise ValueError(f"{self.name}: row {row} is all zeros and has no direction; "
                              "drop it before pruning")
         off_norm = int(found[:, 2].sum())
+        self.norm_bound = float(comm.reduce_max(largest).max())
         if off_norm:
             self.normalize = True
+            self.norm_bound = normalised_norm_bound(self.d)
             warnings.warn(f"{self.name}: {off_norm} of {self.n} rows are not L2-normalised; "
                           "they are normalised on read", stacklevel=3)
 

@@ -34,7 +34,7 @@ import math
 
 import numpy as np
 
-#: rows per read when an array-like input is too large to hold (max_norm, first_twin)
+#: rows per read when an array-like input is too large to hold (max_norm)
 _BLOCK = 65536
 
 #: absolute slack for the rounding of the bound arithmetic itself (|values| stay below ~2).
@@ -58,17 +58,32 @@ def dot_bound(d: int, norm_a: float, norm_b: float, dtype) -> float:
     return du / (1.0 - du) * norm_a * norm_b * (1.0 + 1e-9)
 
 
-def max_norm(x: np.ndarray) -> float:
+def max_norm(x: np.ndarray, squares: np.ndarray | None = None) -> float:
     """Upper bound of the L2 norms of the float32 rows of ``x`` (n, d); 0.0 for no rows.
 
     The squares are summed in float32 (relative error <= d u) and the result raised to cover it.
+    ``squares``: float32 (n,) those sums (``np.einsum("ij,ij->i", x, x)``), when the caller
+    has them.
     """
     if len(x) == 0:
         return 0.0
-    if not isinstance(x, np.ndarray):  # an array-like too large to hold (a sorted cell): blocks
+    if squares is None and not isinstance(x, np.ndarray):  # too large to hold: blocks
         return max(max_norm(x[s : s + _BLOCK]) for s in range(0, len(x), _BLOCK))
-    squares = float(np.einsum("ij,ij->i", x, x).max())
-    return float(np.sqrt(squares * (1.0 + 3.0 * x.shape[1] * 2.0**-24)))
+    if squares is None:
+        squares = np.einsum("ij,ij->i", x, x)
+    return float(np.sqrt(float(squares.max()) * (1.0 + 3.0 * x.shape[1] * 2.0**-24)))
+
+
+def normalised_norm_bound(d: int) -> float:
+    """Upper bound of the L2 norm of a float32 row of ``d`` values divided, in float32, by its
+    norm computed in float32 (``x / np.linalg.norm(x)``): (1 + u) / ((1 - gamma_d)(1 - u)).
+
+    The computed squared norm is within gamma_d of the exact one in any order, its square root
+    and each quotient within one rounding (Higham, eq. 3.5 and section 2.2).
+    """
+    u = float(np.finfo(np.float32).eps) / 2
+    gamma = d * u / (1 - d * u)
+    return (1 + u) / ((1 - gamma) * (1 - u)) * (1.0 + 1e-9)
 
 
 def gemm32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -118,11 +133,14 @@ def _round(v: np.ndarray, bound: float, exact) -> np.ndarray:
     return out.reshape(v.shape)
 
 
-def row_sims(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def row_sims(a: np.ndarray, b: np.ndarray, norm_a: float | None = None,
+             norm_b: float | None = None) -> np.ndarray:
     """Row-wise similarities ``a_i . b_i``, exactly computed and rounded to float32.
 
     Args:
         a, b: float32 (n, d).
+        norm_a, norm_b: upper bounds of their rows' L2 norms, when the caller has them
+            (:func:`max_norm` of each otherwise).
 
     Returns:
         float32 (n,): the exact dot products rounded to float64, then to float32.
@@ -132,7 +150,9 @@ def row_sims(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         raise ValueError(f"row_sims needs equal shapes, got {a.shape} and {b.shape}")
     if len(a) == 0:
         return np.zeros(0, np.float32)
-    bound = dot_bound(a.shape[1], max_norm(a), max_norm(b), np.float64)
+    norm_a = max_norm(a) if norm_a is None else norm_a
+    norm_b = max_norm(b) if norm_b is None else norm_b
+    bound = dot_bound(a.shape[1], norm_a, norm_b, np.float64)
     return _round(rowdot64(a, b), bound, lambda i: _exact_dot(a[i], b[i]))
 
 
@@ -149,41 +169,6 @@ def pair_sims(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     bound = dot_bound(a.shape[1], max_norm(a), max_norm(b), np.float64)
     n = b.shape[0]
     return _round(gemm64(a, b), bound, lambda i: _exact_dot(a[i // n], b[i % n]))
-
-
-def first_twin(x: np.ndarray) -> np.ndarray:
-    """int64 (n,): for each row of ``x``, the lowest index of a bit-identical row.
-
-    ``x`` may be an array-like too large to hold (a sorted cell): then each row is hashed block
-    by block, and only rows whose hashes collide are read again and compared bit for bit.
-    """
-    if not isinstance(x, np.ndarray):
-        return _first_twin_hashed(x)
-    x = np.ascontiguousarray(x)
-    rows = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).reshape(-1)
-    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
-    return first[inverse.reshape(-1)].astype(np.int64)
-
-
-def _first_twin_hashed(x) -> np.ndarray:
-    n = len(x)
-    # a fixed random odd multiplier per 32-bit word: sums of products modulo 2**64
-    mult = np.random.default_rng(0).integers(1, 2**63, x.shape[1], dtype=np.uint64) * 2 + 1
-    h = np.zeros(n, np.uint64)
-    step = max(1, _BLOCK * 64 // x.shape[1])  # ~16 MiB of float32 rows per read
-    for s in range(0, n, step):
-        words = np.ascontiguousarray(x[s : s + step], np.float32).view(np.uint32)
-        for j in range(words.shape[1]):  # column by column: no (rows x d) uint64 temporaries
-            h[s : s + len(words)] += words[:, j].astype(np.uint64) * mult[j]
-    twin = np.arange(n, dtype=np.int64)
-    order = np.argsort(h, kind="stable")  # equal hashes in row order
-    starts = np.concatenate([[0], np.flatnonzero(np.diff(h[order])) + 1])
-    stops = np.append(starts[1:], n)
-    shared = stops - starts > 1
-    for a, b in zip(starts[shared], stops[shared]):  # equal hashes: the rows themselves decide
-        run = order[a:b]
-        twin[run] = run[first_twin(np.asarray(x[run], np.float32))]
-    return twin
 
 
 def _winner(q: np.ndarray, keys: np.ndarray, candidates: np.ndarray) -> int:
@@ -221,7 +206,8 @@ def top2_update(best: np.ndarray, second: np.ndarray, arg: np.ndarray, sims: np.
 
 
 def exact_argmax(q: np.ndarray, keys: np.ndarray, before: np.ndarray | None = None,
-                 twin: np.ndarray | None = None, block_size: int = 4096) -> np.ndarray:
+                 block_size: int = 4096, norm_q: float | None = None,
+                 norm_keys: float | None = None) -> np.ndarray:
     """For each query, the key with the largest exact dot product, the lowest index on ties.
 
     Float64 estimates decide every row whose best and second best are more than twice their
@@ -231,11 +217,12 @@ def exact_argmax(q: np.ndarray, keys: np.ndarray, before: np.ndarray | None = No
 
     Args:
         q: float32 (m, d) queries.
-        keys: float32 (n, d).
+        keys: float32 (n, d): an array, or an array-like read in blocks and by index (a
+            :class:`~.scratch.RowRange`).
         before: optional int64 (m,): query i considers keys j < before[i] only.
-        twin: optional int64 (n,) from :func:`first_twin` of ``keys``: identical keys count as
-            one (pass it when keys may repeat).
         block_size: keys per float64 block (memory: m x block_size float64).
+        norm_q, norm_keys: upper bounds of the queries' and keys' L2 norms, when the caller
+            has them (:func:`max_norm` of each otherwise).
 
     Returns:
         int64 (m,) key indices; -1 where a query has no key to consider.
@@ -258,23 +245,43 @@ def exact_argmax(q: np.ndarray, keys: np.ndarray, before: np.ndarray | None = No
         b, s, a = best[live], second[live], arg[live]
         top2_update(b, s, a, v, start)
         best[live], second[live], arg[live] = b, s, a
-    margin = 2 * dot_bound(q.shape[1], max_norm(q), max_norm(keys), np.float64) + SLACK
+    norm_q = max_norm(q) if norm_q is None else norm_q
+    norm_keys = max_norm(keys) if norm_keys is None else norm_keys
+    margin = 2 * dot_bound(q.shape[1], norm_q, norm_keys, np.float64) + SLACK
     unsure = np.flatnonzero((best > -np.inf) & (second >= best - margin))
     if unsure.size == 0:
         return arg
-    # the best key's estimate is >= best - margin in any order of summation: the candidates
+    # the best key's estimate is >= best - margin in any order of summation: the candidates.
+    # Keys come in increasing order, so a row's first candidate is its lowest; every later
+    # one is compared with it bit for bit (the copies a web pool holds are the common case).
     floor = np.full(m, np.inf)
     floor[unsure] = best[unsure] - margin
-    group = np.arange(n) if twin is None else np.asarray(twin)
-    low, high = np.full(m, n), np.full(m, -1)
+    first = np.full(m, -1, np.int64)
+    other = np.zeros(m, bool)  # a candidate that is not the first one's copy
     for start, live, v in blocks(unsure):
-        near = v >= floor[live, None]
-        ids = group[start : start + v.shape[1]][None, :]
-        low[live] = np.minimum(low[live], np.where(near, ids, n).min(axis=1))
-        high[live] = np.maximum(high[live], np.where(near, ids, -1).max(axis=1))
-    one = unsure[low[unsure] == high[unsure]]
-    arg[one] = low[one]  # a twin is never later than the key it stands for
-    for i in unsure[low[unsure] != high[unsure]]:  # distinct vectors within the bound: rare
+        row, col = np.nonzero(v >= floor[live, None])  # by row, then by key
+        row, col = live[row], start + col
+        opens = np.ones(len(row), bool)
+        opens[1:] = row[1:] != row[:-1]
+        opens &= first[row] < 0
+        first[row[opens]] = col[opens]
+        row, col = row[~opens], col[~opens]
+        for s in range(0, len(row), _PAIRS):  # bounded memory however many copies there are
+            r, c = row[s : s + _PAIRS], col[s : s + _PAIRS]
+            differ = (_bits(keys[c]) != _bits(keys[first[r]])).any(axis=1)
+            other[r[differ]] = True
+    one = unsure[~other[unsure]]
+    arg[one] = first[one]
+    for i in unsure[other[unsure]]:  # distinct vectors within the bound: rare
         v = gemm64(q[i : i + 1], keys[: limit[i]])[0]
-        arg[i] = _winner(q[i], keys, np.unique(group[np.flatnonzero(v >= floor[i])]))
+        arg[i] = _winner(q[i], keys, np.flatnonzero(v >= floor[i]))
     return arg
+
+
+#: candidate pairs compared bit for bit at once in :func:`exact_argmax`
+_PAIRS = 4096
+
+
+def _bits(rows) -> np.ndarray:
+    """The float32 rows' bits as uint32 (n, d): -0.0 and 0.0 differ, as a copy's bits do not."""
+    return np.ascontiguousarray(rows, np.float32).view(np.uint32)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .backend import Backend, BlasTop2, TorchTop2, resolve_backend
 from .collective import Local, block_range, owners
 from .embeddings import as_embeddings
-from .exact import (SLACK, dot_bound, exact_argmax, first_twin, max_norm, row_sims,
+from .exact import (SLACK, dot_bound, exact_argmax, max_norm, row_sims,
                     row_sums_in_order)
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,6 @@ class _Nearest:
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         self.k, self.d = self.centroids.shape
         self.norm = max_norm(self.centroids)
-        self.twin = first_twin(self.centroids)
         self._resources = None  # lives as long as the index is searched
         if backend.kind == "torch":
             self.index = TorchTop2(self.centroids, backend.device)
@@ -84,18 +83,22 @@ class _Nearest:
             index = faiss.index_cpu_to_gpu(self._resources, int(backend.device.split(":")[1]), index)
         self.index = index
 
-    def __call__(self, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Assignment int64 (B,) and similarity float32 (B,) of float32 rows (B, d)."""
-        ids = self.nearest(block)
+    def __call__(self, block: np.ndarray, norm: float | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Assignment int64 (B,) and similarity float32 (B,) of float32 rows (B, d); ``norm``
+        as :meth:`nearest`."""
+        norm = max_norm(block) if norm is None else norm
+        ids = self.nearest(block, norm)
         sims = np.empty(len(block), np.float32)
         for s in range(0, len(block), _SIM_ROWS):  # centroids gathered a few MiB at a time
             sims[s : s + _SIM_ROWS] = row_sims(block[s : s + _SIM_ROWS],
-                                               self.centroids[ids[s : s + _SIM_ROWS]])
+                                               self.centroids[ids[s : s + _SIM_ROWS]],
+                                               norm, self.norm)
         return ids, sims
 
     def nearest(self, block: np.ndarray, norm: float | None = None) -> np.ndarray:
-        """Assignment int64 (B,) of float32 rows (B, d); ``norm``: their :func:`max_norm`, when
-        the caller already has it (training searches the same rows every iteration)."""
+        """Assignment int64 (B,) of float32 rows (B, d); ``norm``: an upper bound of their
+        norms when the caller has one (``Embeddings.norm_bound``), else :func:`max_norm`."""
         if self.k == 1:
             ids = np.zeros(len(block), np.int64)
         else:
@@ -105,7 +108,8 @@ class _Nearest:
             ids = found[:, 0].astype(np.int64)
             unsure = np.flatnonzero(sims[:, 0].astype(np.float64) - sims[:, 1] <= margin)
             if unsure.size:
-                ids[unsure] = exact_argmax(block[unsure], self.centroids, twin=self.twin)
+                ids[unsure] = exact_argmax(block[unsure], self.centroids, norm_q=norm,
+                                            norm_keys=self.norm)
         return ids
 
 
@@ -145,7 +149,7 @@ def assign(x, centroids: np.ndarray, gpu: str | bool = "auto", progress: bool = 
                       leave=False):
         block = emb.rows(start, min(start + step, hi))
         rows = slice(start, start + len(block))
-        assignment[rows], similarity[rows] = nearest(block)
+        assignment[rows], similarity[rows] = nearest(block, emb.norm_bound)
     return comm.reduce_max(assignment), comm.reduce_max(similarity)
 
 
@@ -222,12 +226,11 @@ def _train(emb, k: int, niter: int, seed: int, n_train: int, backend: Backend,
     centroids = _normalised(xt[rng.choice(n_train, k, replace=False)].astype(np.float64))
     previous, done = None, 0
     starts = range(0, n_train, emb.block_size)
-    norms = [max_norm(xt[s : s + emb.block_size]) for s in starts]
     for done in tqdm(range(1, niter + 1), disable=not progress, desc="k-means", unit="iter",
                      leave=False):
         nearest = _Nearest(centroids, backend)
-        ids = np.concatenate([nearest.nearest(xt[s : s + emb.block_size], norm)
-                              for s, norm in zip(starts, norms)])
+        ids = np.concatenate([nearest.nearest(xt[s : s + emb.block_size], emb.norm_bound)
+                              for s in starts])
         sums = _member_sums(xt, ids, k)
         # sum of the members' similarities: each centroid . its members' sum, in a fixed order
         objective = math.fsum(row_sums_in_order(sums * centroids))
@@ -329,8 +332,9 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
     if comm.world_size == 1:  # one pass over the pool assigns the coarse cells and groups by them
         centroids, coarse_iterations = _fit(emb, k1, niter, seed, sample, backend, None,
                                             progress, comm)
-        coarse_of, grouped = group_rows(emb, _Nearest(centroids, backend).nearest, k1,
-                                        memory_bytes, scratch_dir, progress)
+        near = _Nearest(centroids, backend)
+        coarse_of, grouped = group_rows(emb, lambda rows: near.nearest(rows, emb.norm_bound),
+                                        k1, memory_bytes, scratch_dir, progress)
     else:  # each rank assigns a share of the pool, then sorts the rows of its coarse cells
         coarse = spherical_kmeans(emb, k1, niter=niter, seed=seed, sample=sample,
                                   progress=progress, comm=comm, backend=backend)

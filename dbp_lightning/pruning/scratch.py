@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -53,6 +54,12 @@ def scratch_bytes(n: int, d: int, dtype, memory_bytes: int = DEFAULT_MEMORY_BYTE
 def _quarter(row_bytes: int, memory_bytes: int) -> int:
     """Rows in a quarter of the budget: a sort's bucket, a grouping's buffers over all cells."""
     return max(1, int(memory_bytes) // (4 * row_bytes))
+
+
+def run_rows(d: int, dtype, memory_bytes: int) -> int:
+    """The most rows of one of :func:`sorted_runs`' runs: their stored bytes (``d`` values of
+    ``dtype`` a row) in a quarter of ``memory_bytes``."""
+    return _quarter(int(d) * np.dtype(dtype).itemsize, memory_bytes)
 
 
 def _buckets(m: int, row_bytes: int, memory_bytes: int) -> int:
@@ -242,6 +249,7 @@ def sort_rows(emb: Embeddings, order: np.ndarray, memory_bytes: int = DEFAULT_ME
                 end = int(pos[i + 1]) if i + 1 < len(pos) else m
                 file.write(block[int(pos[i]) - lo : end - lo], int(at[i]))
             del block  # two buckets at most are alive: the one read and its permuted copy
+        file.wait()  # a failed write raises here, where out of room is named
     return out
 
 
@@ -275,7 +283,12 @@ def sorted_runs(emb: Embeddings, order: np.ndarray, bounds: np.ndarray,
     For a pass that visits the sorted rows once, in order (SemDeDup's cells): the rows are
     scattered to one bucket per run as :func:`sort_rows` scatters them, and each run is then
     read back whole and put in order in memory, with none of the second write and read that
-    :func:`sort_rows` makes for reads in any order.
+    :func:`sort_rows` makes for reads in any order. The first run's bucket stays in memory
+    (it is visited first), so only the other runs go through the disk, and each of those is
+    read by a thread while the caller visits the run before it.
+
+    Memory: during the scatter, the first run's rows and the other buckets' buffers (a quarter
+    of the budget each); then two runs' rows (the one visited and the next, read meanwhile).
 
     Args:
         emb, order, memory_bytes, scratch_dir, progress: as :func:`sort_rows`.
@@ -286,8 +299,8 @@ def sorted_runs(emb: Embeddings, order: np.ndarray, bounds: np.ndarray,
         ``(lo, hi, rows, rank)``: positions ``lo:hi``, their rows as ``emb`` stores them (raw
         dtype, (hi - lo, d)) in pool order, and int64 (hi - lo,) ``rank``: position ``lo + i``
         is ``rows[rank[i]]`` (a caller gathers each cell it visits, small and in cache, rather
-        than the whole run). ``rows`` is reused for the next run. When all the rows fit in a
-        quarter of the budget, one run of them all and no file. Close the generator
+        than the whole run). ``rows`` is reused for the run after next. When all the rows fit
+        in a quarter of the budget, one run of them all and no file. Close the generator
         (``contextlib.closing``) to free the file early.
     """
     order, bounds = np.asarray(order, np.int64), np.asarray(bounds, np.int64)
@@ -302,17 +315,28 @@ def sorted_runs(emb: Embeddings, order: np.ndarray, bounds: np.ndarray,
         if m:
             yield 0, m, np.asarray(emb.x[np.sort(order)]), _inverse(order)
         return
-    runs = len(bounds) - 1
-    with _scratch_file(scratch_dir, scratch_bytes(m, emb.d, emb.x.dtype, memory_bytes,
-                                                  runs)) as file:
+    runs, spans = len(bounds) - 1, list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+    with _scratch_file(scratch_dir, scratch_bytes(m - spans[0][1], emb.d, emb.x.dtype,
+                                                  memory_bytes, runs)) as file:
         try:
-            pieces = _Pieces(file, runs, _capacity(row_bytes, memory_bytes, runs))
+            pieces = _Pieces(file, runs, _capacity(row_bytes, memory_bytes, runs), kept=1)
             _scatter(emb, order, bounds[:-1], bucket, pieces, progress)
             rows = SortedRows(emb, m, file=file, segments=pieces.segments(bounds[:-1]))
+            # kept buffers (no fresh pages a run): the run visited and the next
+            reads = [np.empty((bucket, emb.d), rows.raw_dtype) for _ in range(2)]
+            at = 0
+            for piece in pieces.pending[0]:  # the first run, in row order as scattered
+                reads[0][at : at + len(piece)] = piece
+                at += len(piece)
             del pieces
-            read = np.empty((bucket, emb.d), rows.raw_dtype)  # kept: no fresh pages a run
-            for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-                yield lo, hi, rows.raw(lo, hi, out=read), _inverse(order[lo:hi])
+            with ThreadPoolExecutor(1, thread_name_prefix="dbp-read") as reader:
+                ahead = None  # the next run's read; the first run is in memory already
+                for i, (lo, hi) in enumerate(spans):
+                    raw = reads[0][: hi - lo] if ahead is None else ahead.result()
+                    # into the buffer of the run before this one, which the caller has visited
+                    ahead = (reader.submit(rows.raw, *spans[i + 1], out=reads[(i + 1) % 2])
+                             if i + 1 < runs else None)
+                    yield lo, hi, raw, _inverse(order[lo:hi])
         finally:
             file.close()
 
@@ -376,10 +400,11 @@ def group_rows(emb: Embeddings, cells_of, n_cells: int, memory_bytes: int = DEFA
 
 class _Pieces:
     """Rows appended by key (a cell, a bucket), buffered up to ``capacity`` rows a key; a key's
-    buffered rows are written as one piece at the file's end, aligned for direct I/O."""
+    buffered rows are written as one piece at the file's end, aligned for direct I/O. Keys
+    below ``kept`` are never written: their rows stay in ``pending``."""
 
-    def __init__(self, file: ScratchFile | None, keys: int, capacity: int):
-        self.file, self.capacity = file, capacity
+    def __init__(self, file: ScratchFile | None, keys: int, capacity: int, kept: int = 0):
+        self.file, self.capacity, self.kept = file, capacity, kept
         self.pending = [[] for _ in range(keys)]  # per key: row arrays not yet written
         self.held = np.zeros(keys, np.int64)      # rows in ``pending``
         self.written = np.zeros(keys, np.int64)   # rows already in the file
@@ -389,7 +414,7 @@ class _Pieces:
     def add(self, key: int, rows: np.ndarray) -> None:
         self.pending[key].append(rows)
         self.held[key] += len(rows)
-        if self.held[key] >= self.capacity:
+        if self.held[key] >= self.capacity and key >= self.kept:
             self.flush(key)
 
     def flush(self, key: int) -> None:
@@ -399,10 +424,13 @@ class _Pieces:
         self.pending[key], self.held[key] = [], 0
 
     def segments(self, first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Every buffer written, then where each piece lies: int64 first positions (increasing)
-        and byte offsets, for keys whose rows start at positions ``first``."""
-        for key in np.flatnonzero(self.held):
+        """Every buffer written (but the kept keys'), then where each piece lies: int64 first
+        positions (increasing) and byte offsets, for keys whose rows start at positions
+        ``first``."""
+        for key in np.flatnonzero(self.held[self.kept :]) + self.kept:
             self.flush(int(key))
+        if self.file is not None:
+            self.file.wait()  # a failed write raises here, where out of room is named
         pos = np.array([first[k] + within for k, within, _ in self.pieces], np.int64)
         at = np.array([offset for _, _, offset in self.pieces], np.int64)
         by_pos = np.argsort(pos)

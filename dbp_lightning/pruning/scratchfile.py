@@ -7,7 +7,9 @@ benchmark machine a few tenths of a GB/s buffered against 2-3 GB/s direct
 (``benchmarks/bench_semdedup.py``'s parts alone). So the file is opened with ``O_DIRECT`` when the file system
 takes it (tmpfs and some others do not: then it is an ordinary buffered file, same bytes).
 Direct I/O needs aligned offsets, lengths and buffers: every write starts at a multiple of
-:data:`ALIGN` and is padded to one, and reads go through an aligned staging buffer.
+:data:`ALIGN` and is padded to one, and reads go through an aligned staging buffer. Direct
+writes are handed to a thread, one staging buffer written while the caller fills the next, so
+the disk's time overlaps the caller's (the sort's or the grouping pass's work on the next rows).
 
 The file is unlinked the moment it is created, so the kernel frees it when the run closes it,
 fails, or is killed (SIGKILL included): no run leaves scratch behind. Its whole size is reserved
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+from concurrent.futures import Future, ThreadPoolExecutor
 import mmap
 import os
 import shutil
@@ -31,6 +34,9 @@ ALIGN = 4096
 
 #: bytes of the aligned staging buffer a direct file reads and writes through
 STAGE_BYTES = 8 << 20
+
+#: staging buffers of direct writes: one being filled while the others are written
+WRITE_STAGES = 2
 
 
 def padded(nbytes: int) -> int:
@@ -73,17 +79,21 @@ class ScratchFile:
         fd, path = tempfile.mkstemp(prefix="dbp-scratch-", suffix=".rows", dir=directory)
         os.unlink(path)  # freed on close or on death: nothing to clean up, ever
         self.fd, self.nbytes, self.directory, self._stage = fd, int(nbytes), directory, None
+        self._writer, self._stages, self._turn = None, [], 0
+        self._writes: list[Future | None] = [None] * WRITE_STAGES  # each stage's last write
         try:
             _reserve(fd, nbytes, directory)
+            self.direct = _set_direct(fd, True) and _takes_direct(fd, directory)
         except BaseException:
             self.close()
             raise
-        self.direct = _set_direct(fd, True)
 
     def write(self, arrays, offset: int) -> int:
         """Write the bytes of an array, or of a list of arrays one after another (no
         concatenated copy), at ``offset`` (a multiple of :data:`ALIGN`); returns the bytes the
-        write occupies, its length padded to a multiple of :data:`ALIGN`."""
+        write occupies, its length padded to a multiple of :data:`ALIGN`. A direct file may
+        still be writing them on return (the arrays are copied first): :meth:`read` and
+        :meth:`wait` wait for them, and raise a write's error."""
         if offset % ALIGN:
             raise ValueError(f"scratch writes start at multiples of {ALIGN} bytes, not {offset}")
         views = [memoryview(np.ascontiguousarray(a)).cast("B")
@@ -95,29 +105,48 @@ class ScratchFile:
                 _write_all(self.fd, v, at)
                 at += len(v)
             return padded(total)
-        stage, filled, at = self._staging(), 0, offset
-        try:
-            for v in views:  # packed into the staging buffer, written a full buffer at a time
-                done = 0
-                while done < len(v):
-                    take = min(len(v) - done, STAGE_BYTES - filled)
-                    stage[filled : filled + take] = v[done : done + take]
-                    filled, done = filled + take, done + take
-                    if filled == STAGE_BYTES:
-                        _write_all(self.fd, memoryview(stage), at)
-                        at, filled = at + STAGE_BYTES, 0
-            if filled:
-                stage[filled : padded(filled)] = 0
-                _write_all(self.fd, memoryview(stage)[: padded(filled)], at)
-        except OSError as exc:  # a file system that took O_DIRECT but wants other alignments
-            if exc.errno != errno.EINVAL:
-                raise
-            self.direct = _set_direct(self.fd, False)
-            return self.write(arrays, offset)
+        stage, filled, at = self._next_stage(), 0, offset
+        for v in views:  # packed into a staging buffer, written a full buffer at a time
+            done = 0
+            while done < len(v):
+                take = min(len(v) - done, STAGE_BYTES - filled)
+                stage[filled : filled + take] = v[done : done + take]
+                filled, done = filled + take, done + take
+                if filled == STAGE_BYTES:
+                    self._submit(stage, STAGE_BYTES, at)
+                    stage, filled, at = self._next_stage(), 0, at + STAGE_BYTES
+        if filled:
+            stage[filled : padded(filled)] = 0
+            self._submit(stage, padded(filled), at)
         return padded(total)
 
+    def wait(self) -> None:
+        """Return once every write is on disk; raises the first failed write's OSError."""
+        for i in range(WRITE_STAGES):
+            self._settle(i)
+
+    def _next_stage(self) -> np.ndarray:
+        """The staging buffer whose turn it is, once its last write is done."""
+        if not self._stages:  # page-aligned, as direct I/O needs; made once, reused
+            self._stages = [_aligned(STAGE_BYTES) for _ in range(WRITE_STAGES)]
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="dbp-scratch")
+        self._settle(self._turn)
+        return self._stages[self._turn]
+
+    def _submit(self, stage: np.ndarray, nbytes: int, offset: int) -> None:
+        self._writes[self._turn] = self._writer.submit(_write_all, self.fd,
+                                                       memoryview(stage)[:nbytes], offset)
+        self._turn = (self._turn + 1) % WRITE_STAGES
+
+    def _settle(self, i: int) -> None:
+        write, self._writes[i] = self._writes[i], None
+        if write is not None:
+            write.result()
+
     def read(self, out: np.ndarray, offset: int) -> None:
-        """Fill C-contiguous ``out`` with the bytes at ``offset`` (any offset)."""
+        """Fill C-contiguous ``out`` with the bytes at ``offset`` (any offset), once every
+        write is done."""
+        self.wait()
         view = memoryview(out).cast("B")
         if not self.direct:
             _read_all(self.fd, view, offset)
@@ -134,20 +163,43 @@ class ScratchFile:
 
     def _staging(self) -> np.ndarray:
         if self._stage is None:  # page-aligned, as direct I/O needs; made once, reused
-            self._stage = np.frombuffer(mmap.mmap(-1, STAGE_BYTES), np.uint8)
+            self._stage = _aligned(STAGE_BYTES)
         return self._stage
 
     def close(self) -> None:
+        """Free the file (after any write in flight: a failed one's error is not raised here,
+        where a caller may already be handling another)."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        self._stage = None
+        self._stage, self._stages, self._writes = None, [], [None] * WRITE_STAGES
 
     def __enter__(self) -> "ScratchFile":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _aligned(nbytes: int) -> np.ndarray:
+    """uint8 (nbytes,) in fresh anonymous pages: page-aligned, as direct I/O needs."""
+    return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)
+
+
+def _takes_direct(fd: int, directory: str) -> bool:
+    """Whether an aligned direct write of one block works (a file system may take
+    ``O_DIRECT`` and still want other alignments: then the file goes buffered, found here
+    rather than in a write already handed to the writer thread)."""
+    try:
+        _write_all(fd, memoryview(_aligned(ALIGN)), 0)  # the first piece overwrites it
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return _set_direct(fd, False)
+    return True
 
 
 def _set_direct(fd: int, on: bool) -> bool:

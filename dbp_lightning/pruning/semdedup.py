@@ -31,9 +31,10 @@ from .backend import Backend, resolve_backend, torch_earlier_top2
 from .collective import Local, owners
 from .embeddings import as_embeddings
 from . import exact, kmeans
-from .exact import SLACK, dot_bound, exact_argmax, first_twin, max_norm, row_sims, top2_update
+from .exact import SLACK, dot_bound, exact_argmax, max_norm, row_sims, top2_update
 from .groups import cluster_index
-from .scratch import DEFAULT_MEMORY_BYTES, run_bounds, scratch_bytes, sort_rows, sorted_runs
+from .scratch import (DEFAULT_MEMORY_BYTES, run_bounds, run_rows, scratch_bytes, sort_rows,
+                      sorted_runs)
 
 #: duplicate similarity of a cluster's first-ranked member (nothing ranked before it).
 NO_EARLIER = -1.0
@@ -60,10 +61,11 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
             clusters (balanced by pairs, M**2) and every rank gets all N results.
         backend: "auto", "faiss" or "torch": where the block similarities run
             (:mod:`.backend`: faiss means NumPy's BLAS here); the result is the same bytes.
-        memory_bytes: working memory. A cell whose float32 rows fit in a quarter of it is
-            held whole: such cells are read in runs of whole cells, each run a quarter of the
-            budget at most (:func:`~.scratch.sorted_runs`: one scatter to ``scratch_dir``
-            unless they all fit in memory). Larger cells are sorted into rank order on disk
+        memory_bytes: working memory. A cell whose float32 rows (and stored rows) fit in a
+            quarter of it is held whole: such cells are read in runs of whole cells, each
+            run's stored rows a quarter of the budget at most (:func:`~.scratch.sorted_runs`:
+            one scatter to ``scratch_dir``, but for the first run, unless they all fit in
+            memory). Larger cells are sorted into rank order on disk
             (:func:`~.scratch.sort_rows`) and read block by block. Similarity blocks are at most
             ``block_size`` rows and fit in an eighth of it.
         scratch_dir: where the sorted rows go (None: ``$TMPDIR``); needs the rows' stored bytes.
@@ -99,7 +101,8 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
     # rows another rank handles hold max's identity until the reduction fills them in
     out = np.full(emb.n, -np.inf, np.float32)
     partner = np.full(emb.n, -1, np.int64)
-    held = mine & (sizes <= whole)
+    run = run_rows(emb.d, emb.x.dtype, memory_bytes)
+    held = mine & (sizes <= min(whole, run))
     with tqdm(total=int(mine.sum()), disable=not progress, desc="semdedup", unit="cluster",
               leave=False) as bar:
         # cells held whole: sorted in runs of cells, each run read once and visited in memory
@@ -107,7 +110,7 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
                               rows=np.flatnonzero(held[assignment]))
         cells = np.flatnonzero(held)
         firsts = index.starts[cells]
-        runs = sorted_runs(emb, index.order, run_bounds(index.starts, whole), memory_bytes,
+        runs = sorted_runs(emb, index.order, run_bounds(index.starts, run), memory_bytes,
                            scratch_dir, progress)
         with contextlib.closing(runs):
             for lo, hi, raw, rank in runs:
@@ -116,7 +119,7 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
                     rows = index.order[a:b]
                     xc = emb._finish(raw[rank[a - lo : b - lo]])  # gathered: a new array
                     out[rows], partner[rows] = _cell_duplicates(xc, rows, block_size,
-                                                                not_before, backend)
+                                                                not_before, backend, emb.norm_bound)
                     bar.update()
         # cells too large to hold: sorted into rank order on disk, read block by block
         large = mine & ~held
@@ -128,7 +131,8 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
                 lo, hi = int(index.starts[c]), int(index.starts[c + 1])
                 rows = index.order[lo:hi]
                 out[rows], partner[rows] = _cell_duplicates(ranked.range(lo, hi), rows,
-                                                            block_size, not_before, backend)
+                                                            block_size, not_before, backend,
+                                                            emb.norm_bound)
                 bar.update()
     out = np.maximum(comm.reduce_max(out), NO_EARLIER)  # also a singleton's NO_EARLIER
     partner = comm.reduce_max(partner)
@@ -233,7 +237,7 @@ def group_duplicates(emb, members: np.ndarray, rows, cells: np.ndarray, key: np.
         for lo, hi in zip(starts[several], stops[several]):
             pos = local[lo:hi]
             sims[pos], partner[pos] = _cell_duplicates(rows[pos], members[pos], block_size,
-                                                       not_before, backend)
+                                                       not_before, backend, emb.norm_bound)
         return sims, partner
     # too large to hold: one more sort, of this group's rows into cell and rank order
     ranked_pos = np.concatenate([local[lo:hi] for lo, hi in zip(starts[several], stops[several])]
@@ -245,7 +249,7 @@ def group_duplicates(emb, members: np.ndarray, rows, cells: np.ndarray, key: np.
             at += hi - lo
             xc = cell.load() if hi - lo <= whole else cell  # else read block by block
             sims[pos], partner[pos] = _cell_duplicates(xc, members[pos], block_size,
-                                                       not_before, backend)
+                                                       not_before, backend, emb.norm_bound)
     return sims, partner
 
 
@@ -255,13 +259,14 @@ def scratch_need(n: int, d: int, dtype, memory_bytes: int, k: int, world_size: i
 
     Two levels: the pool grouped by coarse cell (sorted, across ranks), or a group sorted into
     cell order. Flat: :func:`duplicate_similarity`'s runs of held cells, at most
-    ``2 N / held + 1`` of them (two runs in a row hold more than one run may), or its sort of
+    ``2 N / run + 1`` of them (two runs in a row hold more than one run may), or its sort of
     the larger cells. Each is :func:`~.scratch.scratch_bytes`; the largest is returned.
     """
     if k > kmeans.FLAT_MAX_K:
         keys = (kmeans.coarse_cells(k) if world_size == 1 else None, None)
     else:
-        keys = (2 * -(-int(n) // _held_rows(memory_bytes, d)) + 1,)
+        run = min(_held_rows(memory_bytes, d), run_rows(d, dtype, memory_bytes))
+        keys = (2 * -(-int(n) // run) + 1,)
     return max(scratch_bytes(n, d, dtype, memory_bytes, c) for c in keys)
 
 
@@ -286,11 +291,13 @@ def _not_before(block_size: int) -> np.ndarray:
 
 
 def _cell_duplicates(xc, rows: np.ndarray, block_size: int, not_before: np.ndarray,
-                     backend: Backend) -> tuple[np.ndarray, np.ndarray]:
+                     backend: Backend, norm: float) -> tuple[np.ndarray, np.ndarray]:
     """One cell, rows ``xc`` (array or RowRange) in rank order and their row ids ``rows``:
-    float32 similarity to the partner (-inf for the first) and int64 partner row (-1)."""
-    arg = _earlier_nearest(xc, block_size, not_before, backend)
-    return _partner_sims(xc, arg, block_size), np.where(arg >= 0, rows[np.maximum(arg, 0)], -1)
+    float32 similarity to the partner (-inf for the first) and int64 partner row (-1).
+    ``norm``: an upper bound of the rows' L2 norms (the pool's, ``Embeddings.norm_bound``)."""
+    arg = _earlier_nearest(xc, block_size, not_before, backend, norm)
+    return (_partner_sims(xc, arg, block_size, norm),
+            np.where(arg >= 0, rows[np.maximum(arg, 0)], -1))
 
 
 def similarity_block_rows(memory_bytes: int) -> int:
@@ -299,24 +306,26 @@ def similarity_block_rows(memory_bytes: int) -> int:
     return max(64, int(np.sqrt(memory_bytes / 8 / 16)))
 
 
-def _partner_sims(xc, arg: np.ndarray, block_size: int) -> np.ndarray:
+def _partner_sims(xc, arg: np.ndarray, block_size: int, norm: float) -> np.ndarray:
     """float32 (M,): each member's exact similarity to its partner ``xc[arg]`` (-inf where it
-    has none), read block by block."""
+    has none), read block by block; ``norm`` bounds the rows' norms."""
     out = np.full(len(arg), -np.inf, np.float32)
     for s in range(0, len(arg), block_size):
         a = arg[s : s + block_size]
         has = np.flatnonzero(a >= 0)
         if has.size:
-            out[s + has] = row_sims(xc[s : s + block_size][has], xc[a[has]])
+            out[s + has] = row_sims(xc[s : s + block_size][has], xc[a[has]], norm, norm)
     return out
 
 
 def _earlier_nearest(xc: np.ndarray, block_size: int, not_before: np.ndarray,
-                     backend: Backend = Backend("faiss", "cpu")) -> np.ndarray:
+                     backend: Backend = Backend("faiss", "cpu"), norm: float | None = None
+                     ) -> np.ndarray:
     """int64 (M,): for each member of a cluster (rows ``xc``, float32 (M, d), in rank order; an
     array or a :class:`~.scratch.RowRange` read block by block),
     the position of the earlier member with the largest exact dot product, the earliest on ties;
-    -1 for the first member.
+    -1 for the first member. ``norm``: an upper bound of the rows' L2 norms (read from them
+    when not given).
 
     float32 blocks (the fast, threaded matmul) give each row its best and second-best estimate;
     where they are more than twice the float32 error bound apart the best is certain whatever
@@ -327,12 +336,12 @@ def _earlier_nearest(xc: np.ndarray, block_size: int, not_before: np.ndarray,
         best, second, arg = torch_earlier_top2(xc, block_size, backend.device)
     else:
         best, second, arg = _earlier_top2(xc, block_size, not_before)
-    norm = max_norm(xc)
+    norm = max_norm(xc) if norm is None else norm
     margin = 2 * dot_bound(xc.shape[1], norm, norm, np.float32) + SLACK
     unsure = np.flatnonzero((best > -np.inf) & (second >= best.astype(np.float64) - margin))
     if unsure.size:
-        arg[unsure] = exact_argmax(xc[unsure], xc, before=unsure, twin=first_twin(xc),
-                                   block_size=block_size)
+        arg[unsure] = exact_argmax(xc[unsure], xc, before=unsure, block_size=block_size,
+                                   norm_q=norm, norm_keys=norm)
     return arg
 
 
