@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .threads import blas_threads, on_all_cores, spans
+
 BACKENDS = ("auto", "faiss", "torch")
 
 
@@ -122,8 +124,9 @@ class BlasTop2:
     """faiss ``IndexFlatIP``'s ``search(block, 2)`` as a NumPy (BLAS) float32 matmul and the
     two largest per row: the CPU estimate of the faiss backend. faiss-cpu's flat search took
     2.7-3.6x as long on the pipeline's shapes here (``benchmarks/bench_top2.py``), and the
-    estimate's kernel does not matter to the result (:mod:`.exact`). Rows go in sub-blocks
-    whose (rows x k) similarities take at most 64 MiB."""
+    estimate's kernel does not matter to the result (:mod:`.exact`). Rows go in sub-blocks,
+    spread over the cores (:mod:`.threads`), whose (rows x k) similarities take at most 64 MiB
+    together."""
 
     def __init__(self, centroids: np.ndarray):
         self.centroids = np.ascontiguousarray(centroids, np.float32)
@@ -136,13 +139,20 @@ class BlasTop2:
                              f"of {len(self.centroids)}")
         sims_out = np.empty((len(block), 2), np.float32)
         ids_out = np.empty((len(block), 2), np.int64)
-        for s in range(0, len(block), self.rows):
-            sims = np.ascontiguousarray(block[s : s + self.rows], np.float32) @ self.centroids.T
+
+        def top2(span):
+            s, e = span
+            sims = np.ascontiguousarray(block[s:e], np.float32) @ self.centroids.T
             at = np.arange(len(sims))
             for j in range(2):  # largest, then largest of the rest (ties are decided exactly later)
                 best = sims.argmax(axis=1)
                 sims_out[s + at, j], ids_out[s + at, j] = sims[at, best], best
                 sims[at, best] = -np.inf
+
+        workers = blas_threads()  # each its sub-blocks (the top two run on one core), in 64 MiB
+        with on_all_cores(workers) as pmap:
+            for _ in pmap(top2, spans(len(block), workers, max(1, self.rows // workers))):
+                pass
         return sims_out, ids_out
 
 

@@ -17,6 +17,7 @@ from .collective import Local, block_range, owners
 from .embeddings import as_embeddings
 from .exact import (SLACK, dot_bound, exact_argmax, max_norm, row_sims,
                     row_sums_in_order)
+from .threads import blas_threads, on_all_cores, spans
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,14 @@ class _Nearest:
         norm = max_norm(block) if norm is None else norm
         ids = self.nearest(block, norm)
         sims = np.empty(len(block), np.float32)
-        for s in range(0, len(block), _SIM_ROWS):  # centroids gathered a few MiB at a time
-            sims[s : s + _SIM_ROWS] = row_sims(block[s : s + _SIM_ROWS],
-                                               self.centroids[ids[s : s + _SIM_ROWS]],
-                                               norm, self.norm)
+
+        def exact_sims(span):  # centroids gathered a few MiB at a time
+            s, e = span
+            sims[s:e] = row_sims(block[s:e], self.centroids[ids[s:e]], norm, self.norm)
+
+        with on_all_cores() as pmap:
+            for _ in pmap(exact_sims, spans(len(block), blas_threads(), _SIM_ROWS)):
+                pass
         return ids, sims
 
     def nearest(self, block: np.ndarray, norm: float | None = None) -> np.ndarray:
@@ -248,10 +253,18 @@ def _member_sums(xt: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     counts = np.bincount(ids, minlength=k)
     starts = np.cumsum(counts) - counts
     sums = np.zeros((k, xt.shape[1]), np.float64)
-    for j in np.flatnonzero(counts):
-        # axis 0: every column is summed row after row, whatever the SIMD width
-        np.add.reduce(xt[order[starts[j] : starts[j] + counts[j]]], axis=0, dtype=np.float64,
-                      out=sums[j])
+    filled = np.flatnonzero(counts)
+
+    def add(span):
+        for j in filled[span[0] : span[1]]:
+            # axis 0: every column is summed row after row, whatever the SIMD width
+            np.add.reduce(xt[order[starts[j] : starts[j] + counts[j]]], axis=0,
+                          dtype=np.float64, out=sums[j])
+
+    workers = blas_threads()  # clusters split over the cores, several spans each (sizes vary)
+    with on_all_cores(workers) as pmap:
+        for _ in pmap(add, spans(len(filled), 4 * workers)):
+            pass
     return sums
 
 

@@ -35,6 +35,7 @@ from .exact import SLACK, dot_bound, exact_argmax, max_norm, row_sims, top2_upda
 from .groups import cluster_index
 from .scratch import (DEFAULT_MEMORY_BYTES, run_bounds, run_rows, scratch_bytes, sort_rows,
                       sorted_runs)
+from .threads import blas_threads, on_all_cores
 
 #: duplicate similarity of a cluster's first-ranked member (nothing ranked before it).
 NO_EARLIER = -1.0
@@ -97,12 +98,14 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
     sizes = np.bincount(assignment)
     owner = owners(sizes.astype(np.float64) ** 2, comm.world_size)
     mine = (owner == comm.rank) & (sizes > 1)
-    block_size, not_before, whole = _blocks(block_size, memory_bytes, emb.d)
+    # held cells go to every core, each worker with its share of the budget (_workers)
+    workers = _workers(backend)
+    shared = _blocks(block_size, memory_bytes // workers, emb.d)
     # rows another rank handles hold max's identity until the reduction fills them in
     out = np.full(emb.n, -np.inf, np.float32)
     partner = np.full(emb.n, -1, np.int64)
     run = run_rows(emb.d, emb.x.dtype, memory_bytes)
-    held = mine & (sizes <= min(whole, run))
+    held = mine & (sizes <= min(shared[2], run))
     with tqdm(total=int(mine.sum()), disable=not progress, desc="semdedup", unit="cluster",
               leave=False) as bar:
         # cells held whole: sorted in runs of cells, each run read once and visited in memory
@@ -112,16 +115,21 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
         firsts = index.starts[cells]
         runs = sorted_runs(emb, index.order, run_bounds(index.starts, run), memory_bytes,
                            scratch_dir, progress)
-        with contextlib.closing(runs):
+        with contextlib.closing(runs), on_all_cores(workers) as pmap:
             for lo, hi, raw, rank in runs:
-                for c in cells[np.searchsorted(firsts, lo) : np.searchsorted(firsts, hi)]:
+
+                def visit(c, lo=lo, raw=raw, rank=rank):
                     a, b = int(index.starts[c]), int(index.starts[c + 1])
                     rows = index.order[a:b]
                     xc = emb._finish(raw[rank[a - lo : b - lo]])  # gathered: a new array
-                    out[rows], partner[rows] = _cell_duplicates(xc, rows, block_size,
-                                                                not_before, backend, emb.norm_bound)
+                    return rows, _cell_duplicates(xc, rows, *shared[:2], backend, emb.norm_bound)
+
+                run_cells = cells[np.searchsorted(firsts, lo) : np.searchsorted(firsts, hi)]
+                for rows, (sims, partners) in pmap(visit, run_cells):
+                    out[rows], partner[rows] = sims, partners
                     bar.update()
         # cells too large to hold: sorted into rank order on disk, read block by block
+        block_size, not_before, _ = _blocks(block_size, memory_bytes, emb.d)
         large = mine & ~held
         index = cluster_index(assignment, sim_to_centroid, len(sizes),
                               rows=np.flatnonzero(large[assignment]))
@@ -233,11 +241,18 @@ def group_duplicates(emb, members: np.ndarray, rows, cells: np.ndarray, key: np.
     several = stops - starts > 1
     sims = np.full(len(members), -np.inf, np.float32)
     partner = np.full(len(members), -1, np.int64)
-    if isinstance(rows, np.ndarray):
-        for lo, hi in zip(starts[several], stops[several]):
-            pos = local[lo:hi]
-            sims[pos], partner[pos] = _cell_duplicates(rows[pos], members[pos], block_size,
-                                                       not_before, backend, emb.norm_bound)
+    if isinstance(rows, np.ndarray):  # every core, each worker with its share of the budget
+        workers = _workers(backend)
+        shared = _blocks(block_size, memory_bytes // workers, emb.d)[:2]
+
+        def visit(span):
+            pos = local[span[0] : span[1]]
+            return pos, _cell_duplicates(rows[pos], members[pos], *shared, backend,
+                                         emb.norm_bound)
+
+        with on_all_cores(workers) as pmap:
+            for pos, (found, partners) in pmap(visit, zip(starts[several], stops[several])):
+                sims[pos], partner[pos] = found, partners
         return sims, partner
     # too large to hold: one more sort, of this group's rows into cell and rank order
     ranked_pos = np.concatenate([local[lo:hi] for lo, hi in zip(starts[several], stops[several])]
@@ -268,6 +283,12 @@ def scratch_need(n: int, d: int, dtype, memory_bytes: int, k: int, world_size: i
         run = min(_held_rows(memory_bytes, d), run_rows(d, dtype, memory_bytes))
         keys = (2 * -(-int(n) // run) + 1,)
     return max(scratch_bytes(n, d, dtype, memory_bytes, c) for c in keys)
+
+
+def _workers(backend: Backend) -> int:
+    """Threads the cells are split over: one per BLAS thread for NumPy's estimates
+    (:mod:`.threads`); one for torch's, which threads (or runs on a GPU) by itself."""
+    return 1 if backend.kind == "torch" else blas_threads()
 
 
 def _held_rows(memory_bytes: int, d: int) -> int:
