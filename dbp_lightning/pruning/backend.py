@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .threads import blas_threads, on_all_cores, spans
+from .threads import on_all_cores, spans, workers
 
 BACKENDS = ("auto", "faiss", "torch")
 
@@ -149,9 +149,9 @@ class BlasTop2:
                 sims_out[s + at, j], ids_out[s + at, j] = sims[at, best], best
                 sims[at, best] = -np.inf
 
-        workers = blas_threads()  # each its sub-blocks (the top two run on one core), in 64 MiB
-        with on_all_cores(workers) as pmap:
-            for _ in pmap(top2, spans(len(block), workers, max(1, self.rows // workers))):
+        threads = workers()  # each its sub-blocks (the top two run on one core), in 64 MiB
+        with on_all_cores(threads) as pmap:
+            for _ in pmap(top2, spans(len(block), threads, max(1, self.rows // threads))):
                 pass
         return sims_out, ids_out
 

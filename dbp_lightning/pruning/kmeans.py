@@ -17,7 +17,7 @@ from .collective import Local, block_range, owners
 from .embeddings import as_embeddings
 from .exact import (SLACK, dot_bound, exact_argmax, max_norm, row_sims,
                     row_sums_in_order)
-from .threads import blas_threads, on_all_cores, spans
+from .threads import on_all_cores, spans, workers
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class _Nearest:
             sims[s:e] = row_sims(block[s:e], self.centroids[ids[s:e]], norm, self.norm)
 
         with on_all_cores() as pmap:
-            for _ in pmap(exact_sims, spans(len(block), blas_threads(), _SIM_ROWS)):
+            for _ in pmap(exact_sims, spans(len(block), workers(), _SIM_ROWS)):
                 pass
         return ids, sims
 
@@ -261,9 +261,9 @@ def _member_sums(xt: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
             np.add.reduce(xt[order[starts[j] : starts[j] + counts[j]]], axis=0,
                           dtype=np.float64, out=sums[j])
 
-    workers = blas_threads()  # clusters split over the cores, several spans each (sizes vary)
-    with on_all_cores(workers) as pmap:
-        for _ in pmap(add, spans(len(filled), 4 * workers)):
+    threads = workers()  # clusters split over the cores, several spans each (sizes vary)
+    with on_all_cores(threads) as pmap:
+        for _ in pmap(add, spans(len(filled), 4 * threads)):
             pass
     return sums
 
@@ -373,13 +373,13 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
             grouped = stack.enter_context(sort_rows(emb, index.order, memory_bytes, scratch_dir,
                                                     progress))
         whole = memory_bytes // (4 * 4 * emb.d)  # coarse cells of up to this many rows are held
-        # held in one buffer, reused cell after cell (fresh pages cost a fault each)
-        buffer = np.empty((int(sizes[mine & (sizes <= whole)].max(initial=0)), emb.d), np.float32)
-        for c in tqdm(np.flatnonzero(mine), disable=not progress, desc="cells",
-                      unit="coarse cell", leave=False):
-            lo, hi = int(index.starts[c]), int(index.starts[c + 1])
-            held = grouped.range(lo, hi)
-            held = held.load(out=buffer) if hi - lo <= whole else held  # else block by block
+        # held cells read ahead into kept buffers (fresh pages cost a fault each), the others
+        # block by block
+        mine_cells = np.flatnonzero(mine)
+        spans = [(int(index.starts[c]), int(index.starts[c + 1])) for c in mine_cells]
+        for c, (lo, hi), held in tqdm(zip(mine_cells, spans, grouped.ranges(spans, whole)),
+                                      total=len(spans), disable=not progress, desc="cells",
+                                      unit="coarse cell", leave=False):
             fine = spherical_kmeans(emb.over(held),
                                     int(cells[c]), niter=niter, seed=seed * 1_000_003 + int(c),
                                     backend=backend)

@@ -135,6 +135,40 @@ class SortedRows:
         """Rows ``start:stop`` as a lazy float32 array-like (read on indexing)."""
         return RowRange(self, start, stop)
 
+    def ranges(self, spans: list[tuple[int, int]], whole: int):
+        """Each span's rows, in order: float32 (hi - lo, d) when it holds at most ``whole``
+        rows, read by a thread while the caller works on the span before it; else a
+        :class:`RowRange`, read block by block.
+
+        Memory: two buffers of the largest held span's stored rows (the one handed over and
+        the next, being read) and, unless they are float32 already, one float32 buffer they
+        are widened into. So a held span's array is reused two spans later: the caller is
+        done with a span when it asks for the next one.
+        """
+        lengths = [hi - lo for lo, hi in spans]
+        largest = max((m for m in lengths if m <= whole), default=0)
+        spares = [np.empty((largest, self.d), self.raw_dtype) for _ in range(2)]
+        wide = None if self.raw_dtype == np.float32 else np.empty((largest, self.d), np.float32)
+        queue = iter([i for i, m in enumerate(lengths) if m <= whole])
+        reads, turn = {}, 0
+        with ThreadPoolExecutor(1, thread_name_prefix="dbp-read") as reader:
+
+            def read_next():
+                nonlocal turn
+                i = next(queue, None)
+                if i is not None:
+                    reads[i] = reader.submit(self.raw, *spans[i], out=spares[turn])
+                    turn = 1 - turn
+
+            read_next()
+            for i, (lo, hi) in enumerate(spans):
+                if i not in reads:
+                    yield self.range(lo, hi)
+                    continue
+                raw = reads.pop(i).result()
+                read_next()  # into the other buffer, whose span the caller is done with
+                yield self.emb._finish(raw, None if wide is None else wide[: hi - lo])
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

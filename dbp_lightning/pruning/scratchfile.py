@@ -25,6 +25,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import threading
 
 import numpy as np
 
@@ -78,7 +79,8 @@ class ScratchFile:
         directory = check_scratch(scratch_dir, nbytes)
         fd, path = tempfile.mkstemp(prefix="dbp-scratch-", suffix=".rows", dir=directory)
         os.unlink(path)  # freed on close or on death: nothing to clean up, ever
-        self.fd, self.nbytes, self.directory, self._stage = fd, int(nbytes), directory, None
+        self.fd, self.nbytes, self.directory = fd, int(nbytes), directory
+        self._stage = threading.local()
         self._writer, self._stages, self._turn = None, [], 0
         self._writes: list[Future | None] = [None] * WRITE_STAGES  # each stage's last write
         try:
@@ -162,9 +164,11 @@ class ScratchFile:
             done += take
 
     def _staging(self) -> np.ndarray:
-        if self._stage is None:  # page-aligned, as direct I/O needs; made once, reused
-            self._stage = _aligned(STAGE_BYTES)
-        return self._stage
+        """This thread's read buffer (a reader thread may read beside the caller)."""
+        stage = getattr(self._stage, "buffer", None)
+        if stage is None:  # page-aligned, as direct I/O needs; made once a thread, reused
+            stage = self._stage.buffer = _aligned(STAGE_BYTES)
+        return stage
 
     def close(self) -> None:
         """Free the file (after any write in flight: a failed one's error is not raised here,
@@ -175,7 +179,7 @@ class ScratchFile:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        self._stage, self._stages, self._writes = None, [], [None] * WRITE_STAGES
+        self._stage, self._stages, self._writes = threading.local(), [], [None] * WRITE_STAGES
 
     def __enter__(self) -> "ScratchFile":
         return self

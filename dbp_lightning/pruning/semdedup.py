@@ -35,7 +35,7 @@ from .exact import SLACK, dot_bound, exact_argmax, max_norm, row_sims, top2_upda
 from .groups import cluster_index
 from .scratch import (DEFAULT_MEMORY_BYTES, run_bounds, run_rows, scratch_bytes, sort_rows,
                       sorted_runs)
-from .threads import blas_threads, on_all_cores
+from .threads import on_all_cores, workers
 
 #: duplicate similarity of a cluster's first-ranked member (nothing ranked before it).
 NO_EARLIER = -1.0
@@ -99,8 +99,8 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
     owner = owners(sizes.astype(np.float64) ** 2, comm.world_size)
     mine = (owner == comm.rank) & (sizes > 1)
     # held cells go to every core, each worker with its share of the budget (_workers)
-    workers = _workers(backend)
-    shared = _blocks(block_size, memory_bytes // workers, emb.d)
+    threads = _workers(backend)
+    shared = _blocks(block_size, memory_bytes // threads, emb.d)
     # rows another rank handles hold max's identity until the reduction fills them in
     out = np.full(emb.n, -np.inf, np.float32)
     partner = np.full(emb.n, -1, np.int64)
@@ -115,7 +115,7 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
         firsts = index.starts[cells]
         runs = sorted_runs(emb, index.order, run_bounds(index.starts, run), memory_bytes,
                            scratch_dir, progress)
-        with contextlib.closing(runs), on_all_cores(workers) as pmap:
+        with contextlib.closing(runs), on_all_cores(threads) as pmap:
             for lo, hi, raw, rank in runs:
 
                 def visit(c, lo=lo, raw=raw, rank=rank):
@@ -242,15 +242,15 @@ def group_duplicates(emb, members: np.ndarray, rows, cells: np.ndarray, key: np.
     sims = np.full(len(members), -np.inf, np.float32)
     partner = np.full(len(members), -1, np.int64)
     if isinstance(rows, np.ndarray):  # every core, each worker with its share of the budget
-        workers = _workers(backend)
-        shared = _blocks(block_size, memory_bytes // workers, emb.d)[:2]
+        threads = _workers(backend)
+        shared = _blocks(block_size, memory_bytes // threads, emb.d)[:2]
 
         def visit(span):
             pos = local[span[0] : span[1]]
             return pos, _cell_duplicates(rows[pos], members[pos], *shared, backend,
                                          emb.norm_bound)
 
-        with on_all_cores(workers) as pmap:
+        with on_all_cores(threads) as pmap:
             for pos, (found, partners) in pmap(visit, zip(starts[several], stops[several])):
                 sims[pos], partner[pos] = found, partners
         return sims, partner
@@ -288,7 +288,7 @@ def scratch_need(n: int, d: int, dtype, memory_bytes: int, k: int, world_size: i
 def _workers(backend: Backend) -> int:
     """Threads the cells are split over: one per BLAS thread for NumPy's estimates
     (:mod:`.threads`); one for torch's, which threads (or runs on a GPU) by itself."""
-    return 1 if backend.kind == "torch" else blas_threads()
+    return 1 if backend.kind == "torch" else workers()
 
 
 def _held_rows(memory_bytes: int, d: int) -> int:
