@@ -186,7 +186,7 @@ def main() -> None:
     print(f"| one fine k-means: 100,000 x {alone['d']} rows, k = 100, 10 iterations | {alone['fine_kmeans_s']:.2f} s |")
     print(f"| RssAnon added by `import torch` | {alone['torch_import_anon_mib']:.0f} MiB |")
     print(f"| one coarse cell (100,000 float16 rows) widened into a fresh array | {alone['cell_fresh_ms']:.1f} ms |")
-    print(f"| the same into a kept array (RowRange.load(out=)) | {alone['cell_kept_ms']:.1f} ms |")
+    print(f"| the same into a kept array (as SortedRows.ranges reads) | {alone['cell_kept_ms']:.1f} ms |")
     for name in ("buffered", "direct"):
         print(f"| 1 GB of scratch, {name}: write, read back | {alone[f'{name}_write_gbs']:.2f}, "
               f"{alone[f'{name}_read_gbs']:.2f} GB/s |")

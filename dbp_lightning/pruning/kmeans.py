@@ -376,10 +376,12 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
         # held cells read ahead into kept buffers (fresh pages cost a fault each), the others
         # block by block
         mine_cells = np.flatnonzero(mine)
-        spans = [(int(index.starts[c]), int(index.starts[c + 1])) for c in mine_cells]
-        for c, (lo, hi), held in tqdm(zip(mine_cells, spans, grouped.ranges(spans, whole)),
-                                      total=len(spans), disable=not progress, desc="cells",
-                                      unit="coarse cell", leave=False):
+        bounds = [(int(index.starts[c]), int(index.starts[c + 1])) for c in mine_cells]
+        # closed before the rows' file is (the read in flight is waited for)
+        ranges = stack.enter_context(contextlib.closing(grouped.ranges(bounds, whole)))
+        for c, (lo, hi), held in tqdm(zip(mine_cells, bounds, ranges), total=len(bounds),
+                                      disable=not progress, desc="cells", unit="coarse cell",
+                                      leave=False):
             fine = spherical_kmeans(emb.over(held),
                                     int(cells[c]), niter=niter, seed=seed * 1_000_003 + int(c),
                                     backend=backend)

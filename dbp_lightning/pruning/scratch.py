@@ -92,7 +92,7 @@ class SortedRows:
         self.emb, self.n, self.d = emb, n, emb.d
         self.raw_dtype = np.dtype(emb.x.dtype)
         self.row_bytes = self.d * self.raw_dtype.itemsize
-        self._memory, self._file, self._spare = memory, file, None
+        self._memory, self._file = memory, file
         # where the file holds each run of positions (a piece): int64 first positions
         # (increasing, from 0) and their byte offsets
         self._seg_pos, self._seg_at = segments or (np.zeros(1, np.int64), np.zeros(1, np.int64))
@@ -124,12 +124,6 @@ class SortedRows:
             self._file.read(out[at - start : end - start], offset)
             at, i = end, i + 1
         return out
-
-    def spare(self, m: int) -> np.ndarray:
-        """A raw-dtype (m, d) buffer, kept and grown for :meth:`RowRange.load`'s reads."""
-        if self._spare is None or len(self._spare) < m:
-            self._spare = np.empty((m, self.d), self.raw_dtype)
-        return self._spare[:m]
 
     def range(self, start: int, stop: int) -> "RowRange":
         """Rows ``start:stop`` as a lazy float32 array-like (read on indexing)."""
@@ -173,7 +167,7 @@ class SortedRows:
         if self._file is not None:
             self._file.close()
             self._file = None
-        self._memory = self._spare = None
+        self._memory = None
 
     def __enter__(self) -> "SortedRows":
         return self
@@ -201,16 +195,10 @@ class RowRange:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def load(self, out: np.ndarray | None = None) -> np.ndarray:
-        """All the rows, float32 (M, d). With ``out`` (float32, C-contiguous, at least M rows),
-        into its first M rows, through one raw buffer the :class:`SortedRows` keeps: a caller
-        loading cell after cell reuses its memory (fresh pages cost a fault each, and on a
-        virtual machine far more than the read)."""
-        if out is None:
-            return self[:]
-        rows, out = self.rows, out[: len(self)]
-        raw = out if rows.raw_dtype == np.float32 else rows.spare(len(self))
-        return rows.emb._finish(rows.raw(self.start, self.stop, out=raw), out)
+    def load(self) -> np.ndarray:
+        """All the rows, float32 (M, d), a new array (:meth:`SortedRows.ranges` reads span
+        after span into kept buffers)."""
+        return self[:]
 
     def __getitem__(self, item):
         """A slice (step 1), an integer, or a 1-D integer array of rows, as NumPy reads them
