@@ -6,7 +6,9 @@ On a bench_scale store (``benchmarks/bench_scale.py`` writes them), times
 - with the thread defaults ``import dbp_lightning`` sets (idle OpenMP and OpenBLAS threads sleep),
   and with both pools' idle threads spinning (``OMP_WAIT_POLICY=ACTIVE``,
   ``OPENBLAS_THREAD_TIMEOUT=30``), each the median of ``--repeats``;
-- once under cProfile, its time split into the named parts of the README's list;
+- with one worker for the cells (``pruning/threads.py``'s workers off: BLAS still threaded);
+- once under cProfile on one worker (cProfile sees the main thread only), its time split into
+  the named parts of the README's list;
 - then parts alone: widening float16 (NumPy's kernel against torch's) and one fine k-means
   of a 10M pool's coarse-cell size, the RssAnon that ``import torch`` adds, a coarse cell
   widened into fresh memory and into a kept buffer, and 1 GB of scratch written and read back
@@ -29,21 +31,25 @@ import sys
 
 import numpy as np
 
-#: cProfile function names (internal time) -> the part of the README's list they belong to
-PARTS = {"gemm32": "intra-cell matrix products", "IndexFlat_search": "faiss searches",
-         "group_rows": "grouping the pool by coarse cell (scratch)",
-         "_scatter": "grouping the pool by coarse cell (scratch)",
-         "sort_rows": "grouping the pool by coarse cell (scratch)",
-         "pwrite": "grouping the pool by coarse cell (scratch)",
-         "preadv": "grouping the pool by coarse cell (scratch)",
-         "_range": "grouping the pool by coarse cell (scratch)",
+#: cProfile "file:function" substrings (internal time) -> the part of the README's list
+PARTS = {"exact.py:gemm32": "intra-cell matrix products",
+         "backend.py:search": "k-means searches (BlasTop2's product and top two)",
+         "backend.py:top2": "k-means searches (BlasTop2's product and top two)",
+         "method 'argmax'": "top-two passes (argmax)",
+         "kmeans.py:add": "k-means member sums", "kmeans.py:_member_sums": "k-means member sums",
+         "c_einsum": "float64 row products and norms",
+         "scratch.py:": "scratch and store reads and writes", "scratchfile.py:": "scratch and store reads and writes",
+         "posix.preadv": "scratch and store reads and writes", "posix.pwrite": "scratch and store reads and writes",
+         "store.py:_range": "scratch and store reads and writes",
          "ascontiguousarray": "float16 -> float32", "copy_": "float16 -> float32",
-         "c_einsum": "float64 row products and norms"}
+         "method 'acquire'": "waiting for the read-ahead or write-behind thread"}
 
 
-def child(store: str, profile: bool) -> None:
+def child(store: str, profile: bool, one_worker: bool) -> None:
     import time
 
+    if one_worker or profile:  # one core for the cells (cProfile sees the main thread only)
+        os.sched_getaffinity = lambda pid: {0}
     from dbp_lightning.pruning.embeddings import as_embeddings
     from dbp_lightning.pruning.semdedup import semdedup_passes
     from dbp_lightning.store import EmbeddingStore
@@ -64,8 +70,9 @@ def child(store: str, profile: bool) -> None:
     prof.disable()
     stats = pstats.Stats(prof).stats
     parts, total = {}, max(v[3] for v in stats.values())
-    for (_, _, name), (_, _, tottime, _, _) in stats.items():
-        part = next((p for key, p in PARTS.items() if key in name), None)
+    for (path, _, name), (_, _, tottime, _, _) in stats.items():
+        where = f"{os.path.basename(path)}:{name}"
+        part = next((p for key, p in PARTS.items() if key in where), None)
         if part:
             parts[part] = parts.get(part, 0.0) + tottime
     parts["everything else (per-cell NumPy work, Python)"] = total - sum(parts.values())
@@ -141,8 +148,9 @@ def scratch_write_rates(directory: str, gb: float = 1.0) -> dict:
     return out
 
 
-def run(store: str, env: dict, profile: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--child", store] + (["--profile"] if profile else [])
+def run(store: str, env: dict, profile: bool = False, one_worker: bool = False) -> dict:
+    cmd = ([sys.executable, __file__, "--child", store] + (["--profile"] if profile else [])
+           + (["--one-worker"] if one_worker else []))
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
     if out.returncode:
         sys.exit(out.stderr[-3000:])
@@ -157,23 +165,29 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--parts", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--one-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return parts_alone(args.child) if args.parts else child(args.child, args.profile)
+        return (parts_alone(args.child) if args.parts
+                else child(args.child, args.profile, args.one_worker))
     store = f"{args.workdir}/pool_{args.n}"
     if not os.path.isfile(f"{store}/manifest.json"):
         sys.exit(f"no store {store}: run benchmarks/bench_scale.py --sizes {args.n} first")
     spinning = {"OMP_WAIT_POLICY": "ACTIVE", "OPENBLAS_THREAD_TIMEOUT": "30"}
-    times = {"defaults (idle threads sleep)": [], "idle threads spin": []}
-    for _ in range(args.repeats):  # alternating, so that drift hits both
+    times = {"defaults (idle threads sleep)": [], "idle threads spin": [],
+             "one worker for the cells (pruning/threads.py off)": []}
+    for _ in range(args.repeats):  # alternating, so that drift hits all
         times["defaults (idle threads sleep)"].append(run(store, {})["seconds"])
         times["idle threads spin"].append(run(store, spinning)["seconds"])
+        times["one worker for the cells (pruning/threads.py off)"].append(
+            run(store, {}, one_worker=True)["seconds"])
     print(f"one SemDeDup partition (semdedup_passes, passes=1) on {store}, median of {args.repeats}\n")
     print("| threads | seconds | runs |\n|---|---:|---|")
     for name, ts in times.items():
         print(f"| {name} | {np.median(ts):.1f} | {', '.join(f'{t:.1f}' for t in ts)} |")
     prof = run(store, {}, profile=True)
-    print(f"\nunder cProfile ({prof['total']:.1f} s, internal time per part)\n")
+    print(f"\nunder cProfile, one worker (cProfile sees one thread; {prof['total']:.1f} s, "
+          "internal time per part)\n")
     print("| part | seconds |\n|---|---:|")
     for part, sec in sorted(prof["parts"].items(), key=lambda kv: -kv[1]):
         print(f"| {part} | {sec:.1f} |")
