@@ -131,3 +131,13 @@ def test_hex_parsing_is_divmod_of_the_int():
     assert (hex_to_u128(pa.array(uids).slice(3, 10)) == expected[3:13]).all()
     for bad in (["a" * 31], ["g" * 32], ["0x" + "0" * 30], [None]):
         assert hex_to_u128(pa.array(bad, pa.string())) is None
+
+
+def test_datacomp_subset_is_sorted_by_high_then_low_word():
+    """DataComp's order (np.sort of the u8,u8 records), uids sharing their high word included."""
+    rng = np.random.default_rng(7)
+    high = [f"{h:016x}" for h in rng.integers(0, 2**63, 5, dtype=np.uint64)]
+    uids = [high[i % 5] + f"{lo:016x}" for i, lo in enumerate(rng.integers(0, 2**63, 200, dtype=np.uint64))]
+    got = datacomp_subset(uids)
+    want = np.sort(np.array([divmod(int(u, 16), 2**64) for u in uids], dtype=got.dtype))
+    assert got.tobytes() == want.tobytes()
