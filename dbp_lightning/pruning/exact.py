@@ -220,7 +220,7 @@ def exact_argmax(q: np.ndarray, keys: np.ndarray, before: np.ndarray | None = No
         keys: float32 (n, d): an array, or an array-like read in blocks and by index (a
             :class:`~.scratch.RowRange`).
         before: optional int64 (m,): query i considers keys j < before[i] only.
-        block_size: keys per float64 block (memory: m x block_size float64).
+        block_size: keys per float64 block (memory: m x block_size float64 and a mask).
         norm_q, norm_keys: upper bounds of the queries' and keys' L2 norms, when the caller
             has them (:func:`max_norm` of each otherwise).
 
@@ -252,36 +252,41 @@ def exact_argmax(q: np.ndarray, keys: np.ndarray, before: np.ndarray | None = No
     if unsure.size == 0:
         return arg
     # the best key's estimate is >= best - margin in any order of summation: the candidates.
-    # Keys come in increasing order, so a row's first candidate is its lowest; every later
-    # one is compared with it bit for bit (the copies a web pool holds are the common case).
+    # A row whose only candidate is one key is decided. The keys that are anyone's candidate
+    # are grouped by their bits (copies, as web pools hold, are the usual several candidates),
+    # and a row whose candidates are all one vector takes that vector's lowest index.
     floor = np.full(m, np.inf)
     floor[unsure] = best[unsure] - margin
-    first = np.full(m, -1, np.int64)
-    other = np.zeros(m, bool)  # a candidate that is not the first one's copy
+    count = np.zeros(m, np.int64)
+    candidate = np.zeros(n, bool)
     for start, live, v in blocks(unsure):
-        row, col = np.nonzero(v >= floor[live, None])  # by row, then by key
-        row, col = live[row], start + col
-        opens = np.ones(len(row), bool)
-        opens[1:] = row[1:] != row[:-1]
-        opens &= first[row] < 0
-        first[row[opens]] = col[opens]
-        row, col = row[~opens], col[~opens]
-        for s in range(0, len(row), _PAIRS):  # bounded memory however many copies there are
-            r, c = row[s : s + _PAIRS], col[s : s + _PAIRS]
-            differ = (_bits(keys[c]) != _bits(keys[first[r]])).any(axis=1)
-            other[r[differ]] = True
-    one = unsure[~other[unsure]]
-    arg[one] = first[one]
-    for i in unsure[other[unsure]]:  # distinct vectors within the bound: rare
+        near = v >= floor[live, None]
+        count[live] += near.sum(axis=1)
+        candidate[start : start + v.shape[1]] |= near.any(axis=0)
+    several = unsure[count[unsure] > 1]
+    if several.size == 0:
+        return arg  # each unsure row's one candidate is its best estimate's key: arg already
+    group = np.arange(n)
+    held = np.flatnonzero(candidate)
+    group[held] = held[_first_copy(keys[held])]  # a copy's group: its lowest-index copy
+    low, high = np.full(m, n), np.full(m, -1)
+    for start, live, v in blocks(several):
+        near = v >= floor[live, None]
+        ids = group[start : start + v.shape[1]][None, :]
+        low[live] = np.minimum(low[live], np.where(near, ids, n).min(axis=1))
+        high[live] = np.maximum(high[live], np.where(near, ids, -1).max(axis=1))
+    one = several[low[several] == high[several]]
+    arg[one] = low[one]
+    for i in several[low[several] != high[several]]:  # distinct vectors within the bound: rare
         v = gemm64(q[i : i + 1], keys[: limit[i]])[0]
-        arg[i] = _winner(q[i], keys, np.flatnonzero(v >= floor[i]))
+        arg[i] = _winner(q[i], keys, np.unique(group[np.flatnonzero(v >= floor[i])]))
     return arg
 
 
-#: candidate pairs compared bit for bit at once in :func:`exact_argmax`
-_PAIRS = 4096
-
-
-def _bits(rows) -> np.ndarray:
-    """The float32 rows' bits as uint32 (n, d): -0.0 and 0.0 differ, as a copy's bits do not."""
-    return np.ascontiguousarray(rows, np.float32).view(np.uint32)
+def _first_copy(rows) -> np.ndarray:
+    """int64 (n,): for each of the float32 rows (n, d), the position of the first row with the
+    same bits."""
+    bits = np.ascontiguousarray(rows, np.float32)
+    void = bits.view(np.dtype((np.void, bits.dtype.itemsize * bits.shape[1]))).reshape(-1)
+    _, first, inverse = np.unique(void, return_index=True, return_inverse=True)
+    return first[inverse.reshape(-1)].astype(np.int64)

@@ -372,7 +372,9 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
         if grouped is None:
             grouped = stack.enter_context(sort_rows(emb, index.order, memory_bytes, scratch_dir,
                                                     progress))
-        whole = memory_bytes // (4 * 4 * emb.d)  # coarse cells of up to this many rows are held
+        # coarse cells of up to a quarter of the budget are held (twice, with the one read
+        # ahead: SortedRows.ranges), larger ones read block by block
+        whole = memory_bytes // (4 * 4 * emb.d)
         # held cells read ahead into kept buffers (fresh pages cost a fault each), the others
         # block by block
         mine_cells = np.flatnonzero(mine)

@@ -94,7 +94,8 @@ class SortedRows:
         self.row_bytes = self.d * self.raw_dtype.itemsize
         self._memory, self._file = memory, file
         # where the file holds each run of positions (a piece): int64 first positions
-        # (increasing, from 0) and their byte offsets
+        # (increasing; from 0, or from the first position written when earlier ones are held
+        # elsewhere, as sorted_runs' first run) and their byte offsets
         self._seg_pos, self._seg_at = segments or (np.zeros(1, np.int64), np.zeros(1, np.int64))
 
     @property
@@ -116,6 +117,9 @@ class SortedRows:
             out = np.empty((stop - start, self.d), self.raw_dtype)
         if out.size == 0:
             return out
+        if start < self._seg_pos[0]:
+            raise ValueError(f"positions from {start} are not in the scratch file, which starts "
+                             f"at position {int(self._seg_pos[0])}")
         i = int(np.searchsorted(self._seg_pos, start, side="right")) - 1
         at = start
         while at < stop:  # one read per run of positions the file holds in one piece
@@ -136,8 +140,8 @@ class SortedRows:
 
         Memory: two buffers of the largest held span's stored rows (the one handed over and
         the next, being read) and, unless they are float32 already, one float32 buffer they
-        are widened into. So a held span's array is reused two spans later: the caller is
-        done with a span when it asks for the next one.
+        are widened into. So a held span's array may be reused for the next span: the caller
+        is done with a span when it asks for the next one.
         """
         lengths = [hi - lo for lo, hi in spans]
         largest = max((m for m in lengths if m <= whole), default=0)

@@ -200,6 +200,9 @@ def _takes_direct(fd: int, directory: str) -> bool:
     try:
         _write_all(fd, memoryview(_aligned(ALIGN)), 0)  # the first piece overwrites it
     except OSError as exc:
+        if exc.errno == errno.ENOSPC:  # a file system that reserved nothing, and is full
+            raise ValueError(f"scratch_dir {directory}: no room for the sorted rows; set "
+                             "scratch_dir to a disk with room") from None
         if exc.errno != errno.EINVAL:
             raise
         return _set_direct(fd, False)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -66,7 +67,8 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
             quarter of it is held whole: such cells are read in runs of whole cells, each
             run's stored rows a quarter of the budget at most (:func:`~.scratch.sorted_runs`:
             one scatter to ``scratch_dir``, but for the first run, unless they all fit in
-            memory). Larger cells are sorted into rank order on disk
+            memory). Held cells within a quarter of a worker's share of it (the budget over
+            :func:`~.threads.workers`) go to every core at once, the others one at a time. Larger cells are sorted into rank order on disk
             (:func:`~.scratch.sort_rows`) and read block by block. Similarity blocks are at most
             ``block_size`` rows and fit in an eighth of it.
         scratch_dir: where the sorted rows go (None: ``$TMPDIR``); needs the rows' stored bytes.
@@ -98,14 +100,16 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
     sizes = np.bincount(assignment)
     owner = owners(sizes.astype(np.float64) ** 2, comm.world_size)
     mine = (owner == comm.rank) & (sizes > 1)
-    # held cells go to every core, each worker with its share of the budget (_workers)
+    # held cells small enough for a worker's share of the budget go to every core (_workers),
+    # the others one at a time with the whole budget
     threads = _workers(backend)
+    whole_budget = _blocks(block_size, memory_bytes, emb.d)
     shared = _blocks(block_size, memory_bytes // threads, emb.d)
     # rows another rank handles hold max's identity until the reduction fills them in
     out = np.full(emb.n, -np.inf, np.float32)
     partner = np.full(emb.n, -1, np.int64)
     run = run_rows(emb.d, emb.x.dtype, memory_bytes)
-    held = mine & (sizes <= min(shared[2], run))
+    held = mine & (sizes <= min(whole_budget[2], run))
     with tqdm(total=int(mine.sum()), disable=not progress, desc="semdedup", unit="cluster",
               leave=False) as bar:
         # cells held whole: sorted in runs of cells, each run read once and visited in memory
@@ -118,18 +122,21 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
         with contextlib.closing(runs), on_all_cores(threads) as pmap:
             for lo, hi, raw, rank in runs:
 
-                def visit(c, lo=lo, raw=raw, rank=rank):
+                def visit(c, lo=lo, raw=raw, rank=rank, blocks=shared):
                     a, b = int(index.starts[c]), int(index.starts[c + 1])
                     rows = index.order[a:b]
                     xc = emb._finish(raw[rank[a - lo : b - lo]])  # gathered: a new array
-                    return rows, _cell_duplicates(xc, rows, *shared[:2], backend, emb.norm_bound)
+                    return rows, _cell_duplicates(xc, rows, *blocks[:2], backend, emb.norm_bound)
 
                 run_cells = cells[np.searchsorted(firsts, lo) : np.searchsorted(firsts, hi)]
-                for rows, (sims, partners) in pmap(visit, run_cells):
+                small = sizes[run_cells] <= shared[2]
+                for rows, (sims, partners) in itertools.chain(
+                        pmap(visit, run_cells[small]),
+                        (visit(c, blocks=whole_budget) for c in run_cells[~small])):
                     out[rows], partner[rows] = sims, partners
                     bar.update()
         # cells too large to hold: sorted into rank order on disk, read block by block
-        block_size, not_before, _ = _blocks(block_size, memory_bytes, emb.d)
+        block_size, not_before, _ = whole_budget
         large = mine & ~held
         index = cluster_index(assignment, sim_to_centroid, len(sizes),
                               rows=np.flatnonzero(large[assignment]))
@@ -241,17 +248,23 @@ def group_duplicates(emb, members: np.ndarray, rows, cells: np.ndarray, key: np.
     several = stops - starts > 1
     sims = np.full(len(members), -np.inf, np.float32)
     partner = np.full(len(members), -1, np.int64)
-    if isinstance(rows, np.ndarray):  # every core, each worker with its share of the budget
+    if isinstance(rows, np.ndarray):
+        # cells small enough for a worker's share of the budget on every core, the others one
+        # at a time with the whole budget
         threads = _workers(backend)
-        shared = _blocks(block_size, memory_bytes // threads, emb.d)[:2]
+        shared = _blocks(block_size, memory_bytes // threads, emb.d)
 
-        def visit(span):
+        def visit(span, blocks=shared):
             pos = local[span[0] : span[1]]
-            return pos, _cell_duplicates(rows[pos], members[pos], *shared, backend,
+            return pos, _cell_duplicates(rows[pos], members[pos], *blocks[:2], backend,
                                          emb.norm_bound)
 
+        spans = np.stack([starts[several], stops[several]], axis=1)
+        small = spans[:, 1] - spans[:, 0] <= shared[2]
         with on_all_cores(threads) as pmap:
-            for pos, (found, partners) in pmap(visit, zip(starts[several], stops[several])):
+            for pos, (found, partners) in itertools.chain(
+                    pmap(visit, spans[small]),
+                    (visit(span, (block_size, not_before)) for span in spans[~small])):
                 sims[pos], partner[pos] = found, partners
         return sims, partner
     # too large to hold: one more sort, of this group's rows into cell and rank order
