@@ -114,8 +114,8 @@ def datacomp_subset(uids, chunk: int = 1 << 20) -> np.ndarray | None:
         if part is None:
             return None
         out[start : start + len(part)] = part
-    # by high then low word: np.sort's field-by-field order, ~2.5x faster than its structured
-    # comparisons (10M uids: 1.7 s against 4.3 s)
+    # by high then low word: np.sort's field-by-field order, without its slower comparisons
+    # of structured records
     return out[np.lexsort((out["f1"], out["f0"]))]
 
 

@@ -74,22 +74,6 @@ def test_complexity_refuses_too_many_neighbours(rng):
         cluster_complexity(unit_rows(rng, 30, 4), unit_rows(rng, 10, 4), np.zeros(30, int))
 
 
-def test_kmeans_identical_on_one_and_two_threads(rng):
-    import faiss
-
-    x = unit_rows(rng, 5000, 32)
-    before = faiss.omp_get_max_threads()
-    try:
-        faiss.omp_set_num_threads(1)
-        one = spherical_kmeans(x, 16, niter=10, seed=2)
-        faiss.omp_set_num_threads(2)
-        two = spherical_kmeans(x, 16, niter=10, seed=2)
-    finally:
-        faiss.omp_set_num_threads(before)
-    assert np.array_equal(one.centroids, two.centroids)
-    assert np.array_equal(one.assignment, two.assignment)
-
-
 def test_partition_kmeans_two_levels(rng, monkeypatch):
     """Above FLAT_MAX_K the partition is coarse cells split into fine ones: every row sits in a
     fine cell of its own coarse cell, at the nearest fine centroid there, and the cell count is
