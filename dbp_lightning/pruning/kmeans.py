@@ -84,11 +84,9 @@ class _Nearest:
             index = faiss.index_cpu_to_gpu(self._resources, int(backend.device.split(":")[1]), index)
         self.index = index
 
-    def __call__(self, block: np.ndarray, norm: float | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, block: np.ndarray, norm: float) -> tuple[np.ndarray, np.ndarray]:
         """Assignment int64 (B,) and similarity float32 (B,) of float32 rows (B, d); ``norm``
         as :meth:`nearest`."""
-        norm = max_norm(block) if norm is None else norm
         ids = self.nearest(block, norm)
         sims = np.empty(len(block), np.float32)
 
@@ -101,14 +99,13 @@ class _Nearest:
                 pass
         return ids, sims
 
-    def nearest(self, block: np.ndarray, norm: float | None = None) -> np.ndarray:
+    def nearest(self, block: np.ndarray, norm: float) -> np.ndarray:
         """Assignment int64 (B,) of float32 rows (B, d); ``norm``: an upper bound of their
-        norms when the caller has one (``Embeddings.norm_bound``), else :func:`max_norm`."""
+        norms (the pool's ``Embeddings.norm_bound``)."""
         if self.k == 1:
             ids = np.zeros(len(block), np.int64)
         else:
             sims, found = search_top2(self.index, block)
-            norm = max_norm(block) if norm is None else norm
             margin = 2 * dot_bound(self.d, norm, self.norm, np.float32) + SLACK
             ids = found[:, 0].astype(np.int64)
             unsure = np.flatnonzero(sims[:, 0].astype(np.float64) - sims[:, 1] <= margin)

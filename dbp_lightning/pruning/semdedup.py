@@ -32,7 +32,7 @@ from .backend import Backend, resolve_backend, torch_earlier_top2
 from .collective import Local, owners
 from .embeddings import as_embeddings
 from . import exact, kmeans
-from .exact import SLACK, dot_bound, exact_argmax, max_norm, row_sims, top2_update
+from .exact import SLACK, dot_bound, exact_argmax, row_sims, top2_update
 from .groups import cluster_index
 from .scratch import (DEFAULT_MEMORY_BYTES, run_bounds, run_rows, scratch_bytes, sort_rows,
                       sorted_runs)
@@ -68,9 +68,10 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
             run's stored rows a quarter of the budget at most (:func:`~.scratch.sorted_runs`:
             one scatter to ``scratch_dir``, but for the first run, unless they all fit in
             memory). Held cells within a quarter of a worker's share of it (the budget over
-            :func:`~.threads.workers`) go to every core at once, the others one at a time. Larger cells are sorted into rank order on disk
-            (:func:`~.scratch.sort_rows`) and read block by block. Similarity blocks are at most
-            ``block_size`` rows and fit in an eighth of it.
+            :func:`~.threads.workers`) go to every core at once, the others one at a time.
+            Larger cells are sorted into rank order on disk (:func:`~.scratch.sort_rows`) and
+            read block by block. Similarity blocks are at most ``block_size`` rows and fit in
+            an eighth of it (of a worker's share, on every core).
         scratch_dir: where the sorted rows go (None: ``$TMPDIR``); needs the rows' stored bytes.
 
     Returns:
@@ -100,11 +101,8 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
     sizes = np.bincount(assignment)
     owner = owners(sizes.astype(np.float64) ** 2, comm.world_size)
     mine = (owner == comm.rank) & (sizes > 1)
-    # held cells small enough for a worker's share of the budget go to every core (_workers),
-    # the others one at a time with the whole budget
     threads = _workers(backend)
     whole_budget = _blocks(block_size, memory_bytes, emb.d)
-    shared = _blocks(block_size, memory_bytes // threads, emb.d)
     # rows another rank handles hold max's identity until the reduction fills them in
     out = np.full(emb.n, -np.inf, np.float32)
     partner = np.full(emb.n, -1, np.int64)
@@ -122,17 +120,16 @@ def duplicate_similarity(x, assignment, sim_to_centroid: np.ndarray, block_size:
         with contextlib.closing(runs), on_all_cores(threads) as pmap:
             for lo, hi, raw, rank in runs:
 
-                def visit(c, lo=lo, raw=raw, rank=rank, blocks=shared):
+                def visit(c, blocks, lo=lo, raw=raw, rank=rank):
                     a, b = int(index.starts[c]), int(index.starts[c + 1])
                     rows = index.order[a:b]
                     xc = emb._finish(raw[rank[a - lo : b - lo]])  # gathered: a new array
                     return rows, _cell_duplicates(xc, rows, *blocks[:2], backend, emb.norm_bound)
 
                 run_cells = cells[np.searchsorted(firsts, lo) : np.searchsorted(firsts, hi)]
-                small = sizes[run_cells] <= shared[2]
-                for rows, (sims, partners) in itertools.chain(
-                        pmap(visit, run_cells[small]),
-                        (visit(c, blocks=whole_budget) for c in run_cells[~small])):
+                for rows, (sims, partners) in _visit_cells(
+                        pmap, visit, run_cells, sizes[run_cells], block_size, memory_bytes,
+                        emb.d, threads):
                     out[rows], partner[rows] = sims, partners
                     bar.update()
         # cells too large to hold: sorted into rank order on disk, read block by block
@@ -249,22 +246,18 @@ def group_duplicates(emb, members: np.ndarray, rows, cells: np.ndarray, key: np.
     sims = np.full(len(members), -np.inf, np.float32)
     partner = np.full(len(members), -1, np.int64)
     if isinstance(rows, np.ndarray):
-        # cells small enough for a worker's share of the budget on every core, the others one
-        # at a time with the whole budget
-        threads = _workers(backend)
-        shared = _blocks(block_size, memory_bytes // threads, emb.d)
 
-        def visit(span, blocks=shared):
+        def visit(span, blocks):
             pos = local[span[0] : span[1]]
             return pos, _cell_duplicates(rows[pos], members[pos], *blocks[:2], backend,
                                          emb.norm_bound)
 
         spans = np.stack([starts[several], stops[several]], axis=1)
-        small = spans[:, 1] - spans[:, 0] <= shared[2]
+        threads = _workers(backend)
         with on_all_cores(threads) as pmap:
-            for pos, (found, partners) in itertools.chain(
-                    pmap(visit, spans[small]),
-                    (visit(span, (block_size, not_before)) for span in spans[~small])):
+            for pos, (found, partners) in _visit_cells(
+                    pmap, visit, spans, spans[:, 1] - spans[:, 0], block_size, memory_bytes,
+                    emb.d, threads):
                 sims[pos], partner[pos] = found, partners
         return sims, partner
     # too large to hold: one more sort, of this group's rows into cell and rank order
@@ -299,9 +292,22 @@ def scratch_need(n: int, d: int, dtype, memory_bytes: int, k: int, world_size: i
 
 
 def _workers(backend: Backend) -> int:
-    """Threads the cells are split over: one per BLAS thread for NumPy's estimates
-    (:mod:`.threads`); one for torch's, which threads (or runs on a GPU) by itself."""
+    """Threads the cells are split over: one a core for NumPy's estimates (:mod:`.threads`);
+    one for torch's, which threads (or runs on a GPU) by itself."""
     return 1 if backend.kind == "torch" else workers()
+
+
+def _visit_cells(pmap, visit, items, sizes: np.ndarray, block_size: int, memory_bytes: int,
+                 d: int, threads: int):
+    """``visit(item, blocks)`` of every held cell: those of at most a quarter of a worker's
+    share of the budget (``sizes``: rows) through ``pmap`` on every core, each with that
+    share's similarity blocks; the others one at a time in this thread, with the whole
+    budget's. Yields the results, the cells on every core first."""
+    shared = _blocks(block_size, memory_bytes // threads, d)
+    small = sizes <= shared[2]
+    return itertools.chain(pmap(functools.partial(visit, blocks=shared), items[small]),
+                           (visit(item, _blocks(block_size, memory_bytes, d))
+                            for item in items[~small]))
 
 
 def _held_rows(memory_bytes: int, d: int) -> int:
@@ -353,13 +359,11 @@ def _partner_sims(xc, arg: np.ndarray, block_size: int, norm: float) -> np.ndarr
 
 
 def _earlier_nearest(xc: np.ndarray, block_size: int, not_before: np.ndarray,
-                     backend: Backend = Backend("faiss", "cpu"), norm: float | None = None
-                     ) -> np.ndarray:
+                     backend: Backend, norm: float) -> np.ndarray:
     """int64 (M,): for each member of a cluster (rows ``xc``, float32 (M, d), in rank order; an
     array or a :class:`~.scratch.RowRange` read block by block),
     the position of the earlier member with the largest exact dot product, the earliest on ties;
-    -1 for the first member. ``norm``: an upper bound of the rows' L2 norms (read from them
-    when not given).
+    -1 for the first member. ``norm``: an upper bound of the rows' L2 norms.
 
     float32 blocks (the fast, threaded matmul) give each row its best and second-best estimate;
     where they are more than twice the float32 error bound apart the best is certain whatever
@@ -370,7 +374,6 @@ def _earlier_nearest(xc: np.ndarray, block_size: int, not_before: np.ndarray,
         best, second, arg = torch_earlier_top2(xc, block_size, backend.device)
     else:
         best, second, arg = _earlier_top2(xc, block_size, not_before)
-    norm = max_norm(xc) if norm is None else norm
     margin = 2 * dot_bound(xc.shape[1], norm, norm, np.float32) + SLACK
     unsure = np.flatnonzero((best > -np.inf) & (second >= best.astype(np.float64) - margin))
     if unsure.size:
