@@ -147,25 +147,14 @@ class SortedRows:
         largest = max((m for m in lengths if m <= whole), default=0)
         spares = [np.empty((largest, self.d), self.raw_dtype) for _ in range(2)]
         wide = None if self.raw_dtype == np.float32 else np.empty((largest, self.d), np.float32)
-        queue = iter([i for i, m in enumerate(lengths) if m <= whole])
-        reads, turn = {}, 0
-        with ThreadPoolExecutor(1, thread_name_prefix="dbp-read") as reader:
-
-            def read_next():
-                nonlocal turn
-                i = next(queue, None)
-                if i is not None:
-                    reads[i] = reader.submit(self.raw, *spans[i], out=spares[turn])
-                    turn = 1 - turn
-
-            read_next()
-            for i, (lo, hi) in enumerate(spans):
-                if i not in reads:
+        held = _read_ahead(self.raw, [span for span, m in zip(spans, lengths) if m <= whole],
+                           spares)
+        with contextlib.closing(held):
+            for (lo, hi), m in zip(spans, lengths):
+                if m > whole:
                     yield self.range(lo, hi)
-                    continue
-                raw = reads.pop(i).result()
-                read_next()  # into the other buffer, whose span the caller is done with
-                yield self.emb._finish(raw, None if wide is None else wide[: hi - lo])
+                else:
+                    yield self.emb._finish(next(held), None if wide is None else wide[:m])
 
     def close(self) -> None:
         if self._file is not None:
@@ -355,16 +344,32 @@ def sorted_runs(emb: Embeddings, order: np.ndarray, bounds: np.ndarray,
                 reads[0][at : at + len(piece)] = piece
                 at += len(piece)
             del pieces
-            with ThreadPoolExecutor(1, thread_name_prefix="dbp-read") as reader:
-                ahead = None  # the next run's read; the first run is in memory already
-                for i, (lo, hi) in enumerate(spans):
-                    raw = reads[0][: hi - lo] if ahead is None else ahead.result()
-                    # into the buffer of the run before this one, which the caller has visited
-                    ahead = (reader.submit(rows.raw, *spans[i + 1], out=reads[(i + 1) % 2])
-                             if i + 1 < runs else None)
+            raws = _read_ahead(rows.raw, spans, reads, first=reads[0][:at])
+            with contextlib.closing(raws):
+                for (lo, hi), raw in zip(spans, raws):
                     yield lo, hi, raw, _inverse(order[lo:hi])
         finally:
             file.close()
+
+
+def _read_ahead(read, spans: list[tuple[int, int]], buffers: list[np.ndarray],
+                first: np.ndarray | None = None):
+    """``read(lo, hi, out=buffer)`` of each span in turn, the next span read by a thread while
+    the caller works on the one handed over.
+
+    Span ``i`` is read into ``buffers[i % 2]``: the buffer of the span before the one the
+    caller holds, which it is done with once it asks for the next. ``first``: the first span's
+    rows when they are in memory already (in ``buffers[0]``), so that it is not read.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="dbp-read") as reader:
+        ahead = None
+        if spans and first is None:
+            ahead = reader.submit(read, *spans[0], out=buffers[0])
+        for i in range(len(spans)):
+            raw = first if i == 0 and first is not None else ahead.result()
+            if i + 1 < len(spans):
+                ahead = reader.submit(read, *spans[i + 1], out=buffers[(i + 1) % 2])
+            yield raw
 
 
 def group_rows(emb: Embeddings, cells_of, n_cells: int, memory_bytes: int = DEFAULT_MEMORY_BYTES,
