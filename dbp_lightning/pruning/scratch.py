@@ -357,9 +357,11 @@ def _read_ahead(read, spans: list[tuple[int, int]], buffers: list[np.ndarray],
     """``read(lo, hi, out=buffer)`` of each span in turn, the next span read by a thread while
     the caller works on the one handed over.
 
-    Span ``i`` is read into ``buffers[i % 2]``: the buffer of the span before the one the
-    caller holds, which it is done with once it asks for the next. ``first``: the first span's
-    rows when they are in memory already (in ``buffers[0]``), so that it is not read.
+    Span ``i`` is read into ``buffers[i % 2]`` while the caller holds span ``i - 1``: the
+    buffer of span ``i - 2``, which the caller was done with when it asked for span ``i - 1``.
+    So a span handed over stays intact until the caller asks for the one after it.
+    ``first``: the first span's rows when they are in memory already (in ``buffers[0]``), so
+    that it is not read.
     """
     with ThreadPoolExecutor(1, thread_name_prefix="dbp-read") as reader:
         ahead = None
