@@ -332,7 +332,7 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
         return spherical_kmeans(emb, k, niter=niter, seed=seed, sample=sample, gpu=gpu,
                                 progress=progress, comm=comm, backend=backend)
     from .groups import cluster_index
-    from .scratch import DEFAULT_MEMORY_BYTES, group_rows, sort_rows
+    from .scratch import DEFAULT_MEMORY_BYTES, group_rows, held_rows, sort_rows
 
     comm = comm or Local()
     memory_bytes = memory_bytes or DEFAULT_MEMORY_BYTES
@@ -369,11 +369,10 @@ def partition_kmeans(x, k: int, niter: int = 10, seed: int = 0, sample: int | No
         if grouped is None:
             grouped = stack.enter_context(sort_rows(emb, index.order, memory_bytes, scratch_dir,
                                                     progress))
-        # coarse cells of up to a quarter of the budget are held (twice, with the one read
-        # ahead: SortedRows.ranges), larger ones read block by block
-        whole = memory_bytes // (4 * 4 * emb.d)
-        # held cells read ahead into kept buffers (fresh pages cost a fault each), the others
-        # block by block
+        # coarse cells of up to a quarter of the budget are held, each read ahead into kept
+        # buffers while the one before is split (SortedRows.ranges: two held at once; fresh
+        # pages cost a fault each); larger ones are read block by block
+        whole = held_rows(emb.d, memory_bytes)
         mine_cells = np.flatnonzero(mine)
         bounds = [(int(index.starts[c]), int(index.starts[c + 1])) for c in mine_cells]
         # closed before the rows' file is (the read in flight is waited for)

@@ -56,6 +56,12 @@ def _quarter(row_bytes: int, memory_bytes: int) -> int:
     return max(1, int(memory_bytes) // (4 * row_bytes))
 
 
+def held_rows(d: int, memory_bytes: int) -> int:
+    """The most rows of a cell held whole in memory (SemDeDup's cells, ``partition_kmeans``'
+    coarse cells): their float32 rows (``d`` values) in a quarter of ``memory_bytes``."""
+    return _quarter(4 * int(d), memory_bytes)
+
+
 def run_rows(d: int, dtype, memory_bytes: int) -> int:
     """The most rows of one of :func:`sorted_runs`' runs: their stored bytes (``d`` values of
     ``dtype`` a row) in a quarter of ``memory_bytes``."""

@@ -34,8 +34,8 @@ from .embeddings import as_embeddings
 from . import exact, kmeans
 from .exact import SLACK, dot_bound, exact_argmax, row_sims, top2_update
 from .groups import cluster_index
-from .scratch import (DEFAULT_MEMORY_BYTES, run_bounds, run_rows, scratch_bytes, sort_rows,
-                      sorted_runs)
+from .scratch import (DEFAULT_MEMORY_BYTES, held_rows, run_bounds, run_rows, scratch_bytes,
+                      sort_rows, sorted_runs)
 from .threads import on_all_cores, workers
 
 #: duplicate similarity of a cluster's first-ranked member (nothing ranked before it).
@@ -286,7 +286,7 @@ def scratch_need(n: int, d: int, dtype, memory_bytes: int, k: int, world_size: i
     if k > kmeans.FLAT_MAX_K:
         keys = (kmeans.coarse_cells(k) if world_size == 1 else None, None)
     else:
-        run = min(_held_rows(memory_bytes, d), run_rows(d, dtype, memory_bytes))
+        run = min(held_rows(d, memory_bytes), run_rows(d, dtype, memory_bytes))
         keys = (2 * -(-int(n) // run) + 1,)
     return max(scratch_bytes(n, d, dtype, memory_bytes, c) for c in keys)
 
@@ -310,16 +310,11 @@ def _visit_cells(pmap, visit, items, sizes: np.ndarray, block_size: int, memory_
                             for item in items[~small]))
 
 
-def _held_rows(memory_bytes: int, d: int) -> int:
-    """The most rows of a cell held whole: its float32 rows in a quarter of the budget."""
-    return max(1, int(memory_bytes // (4 * 4 * d)))
-
-
 def _blocks(block_size: int, memory_bytes: int, d: int) -> tuple[int, np.ndarray, int]:
     """Similarity block rows (at most ``block_size``, sized from the budget), the diagonal
     block's mask ([j, i]: i not ranked before j), and the most rows of a cell held whole."""
     block_size = min(block_size, similarity_block_rows(memory_bytes))
-    return block_size, _not_before(block_size), _held_rows(memory_bytes, d)
+    return block_size, _not_before(block_size), held_rows(d, memory_bytes)
 
 
 @functools.lru_cache(maxsize=4)
